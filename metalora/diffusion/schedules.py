@@ -243,7 +243,8 @@ def inference_timesteps(
         raise SchedulerConfigError(f"timestep_spacing={spacing!r} is not supported; choose one of {TIMESTEP_SPACINGS}")
     if ts.max() >= num_train_timesteps or ts.min() < 0:
         raise ValueError(
-            f"steps_offset={steps_offset} moves timesteps {ts.tolist()} outside [0, {num_train_timesteps})"
+            f"steps_offset={steps_offset} moves timesteps to [{ts.min()}, {ts.max()}], "
+            f"outside [0, {num_train_timesteps})"
         )
     return ts.copy()
 
