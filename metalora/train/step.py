@@ -108,18 +108,22 @@ def make_train_step(
       A ``TrainStep``: ``step_fn(state, batch, key) -> (state, metrics)``.
     """
 
+    def checked_loss(params, frozen, batch, key):
+        loss, aux = loss_fn(params, frozen, batch, key)
+        if jnp.shape(loss) != ():
+            raise ValueError(f"loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
+        clash = set(aux) & set(RESERVED_METRICS)
+        if clash:
+            raise ValueError(f"loss_fn aux metrics use reserved names {sorted(clash)}; rename them")
+        return loss, aux
+
     def step(state: TrainState, frozen: Any, batch: Any, key: jax.Array):
         if ema_decay is not None and state.ema_params is None:
             raise ValueError(
                 "make_train_step(ema_decay=...) needs a state with ema_params (create_train_state(ema=True))"
             )
         step_key = jax.random.fold_in(key, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_key)
-        if jnp.shape(loss) != ():
-            raise ValueError(f"loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
-        clash = set(aux) & set(RESERVED_METRICS)
-        if clash:
-            raise ValueError(f"loss_fn aux metrics use reserved names {sorted(clash)}; rename them")
+        (loss, aux), grads = jax.value_and_grad(checked_loss, has_aux=True)(state.params, frozen, batch, step_key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
