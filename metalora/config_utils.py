@@ -26,6 +26,7 @@ import os
 import pathlib
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -131,8 +132,10 @@ def _parse(argv: list[str], source: str) -> tuple[ml_collections.ConfigDict, str
     )
     workdir_holder = flags.DEFINE_string("workdir", None, "Output folder of the run", flag_values=fv)
     try:
-        rest = fv(argv)
-        config = config_holder.value
+        with warnings.catch_warnings():  # ml_collections loads config files with the deprecated load_module()
+            warnings.filterwarnings("ignore", message=r"the load_module\(\) method is deprecated")
+            rest = fv(argv)
+            config = config_holder.value
     except flags.Error as e:
         raise ConfigError(f"{source}: {e}") from e
     except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
