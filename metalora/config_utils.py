@@ -87,8 +87,8 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str], sour
         for part in path.split("."):
             if not isinstance(node, ml_collections.ConfigDict):
                 raise ConfigError(
-                    f"{tok}: {'.'.join(walked)!r} in {source} is a {type(node).__name__}, not a config group, so "
-                    f"it has no field {part!r}"
+                    f"{tok}: {'.'.join(walked)!r} in {source} is a value of type {type(node).__name__}, not a config "
+                    f"group, so it has no field {part!r}"
                 )
             if part not in node:
                 where = f"config.{'.'.join(walked)}" if walked else "the top level of the config"

@@ -10,7 +10,7 @@ import textwrap
 import ml_collections
 import pytest
 
-from metalora.config_utils import ConfigError, config_to_json, load_config, parse_cli, save_config
+from metalora.config_utils import ConfigError, config_to_json, load_config, parse_cli, run_cli, save_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -116,21 +116,36 @@ def test_cli_end_to_end_with_overrides(cli_dir):
     assert (workdir / "checkpoints" / "6").is_dir()
 
 
+def test_cli_unknown_key_fails_with_clear_message(cli_dir):
+    proc = run_cli_process(cli_dir, "--config=cfg.py", "--workdir", str(cli_dir / "w"), "--config.optimizer.lr=1")
+    assert proc.returncode == 2
+    expected = (
+        "error: --config.optimizer.lr=1: unknown config key 'optimizer.lr' in cfg.py; "
+        "fields at config.optimizer: learning_rate, total_steps, warmup_steps"
+    )
+    assert expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (cli_dir / "w").exists()
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ("--config.optimizer.learning_rte=0.1", "unknown config key 'optimizer.learning_rte' in cfg.py"),
         ("--config.nope=1", "unknown config key 'nope' in cfg.py; fields at the top level of the config: betas,"),
-        ("--config.seed.x=1", "'seed' in cfg.py is a int, not a config group"),
+        ("--noconfig.nope", "unknown config key 'nope'"),
+        ("--config.seed.x=1", "'seed' in cfg.py is a value of type int, not a config group"),
         ("--config.steps=ten", "could not convert|invalid literal"),
     ],
 )
-def test_cli_bad_override_fails_with_clear_message(cli_dir, override, message):
-    proc = run_cli_process(cli_dir, "--config=cfg.py", "--workdir", str(cli_dir / "w"), override)
-    assert proc.returncode == 2
-    assert "error:" in proc.stderr and any(m in proc.stderr for m in message.split("|")), proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (cli_dir / "w").exists()
+def test_run_cli_bad_override_exits_2_with_message(cli_dir, monkeypatch, capsys, override, message):
+    monkeypatch.chdir(cli_dir)
+    called = []
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda c, w: called.append(c), ["prog", "--config=cfg.py", "--workdir=w", override])
+    assert info.value.code == 2 and not called
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and any(m in err for m in message.split("|")), err
 
 
 def test_parse_cli_in_process(cli_dir, monkeypatch):

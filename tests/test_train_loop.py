@@ -265,3 +265,23 @@ def test_train_loop_function_and_frozen_kept(tmp_path):
 def test_bad_data_iterator_is_rejected(tmp_path):
     with pytest.raises(TypeError, match="get_state"):
         make_loop(tmp_path, data=iter([{"x": 1}]))
+
+
+def test_checkpoint_frozen_restores_the_saved_frozen_part(tmp_path):
+    with make_loop(tmp_path, checkpoint_frozen=True) as loop:
+        loop.run(stop_at=4)
+    with make_loop(tmp_path, checkpoint_frozen=True) as loop:
+        loop.state = loop.state.replace(frozen={"gain": jnp.asarray(9.0)})
+        loop.restored_step = loop._maybe_restore()
+        assert loop.restored_step == 4 and float(loop.state.frozen["gain"]) == 1.5
+    with pytest.raises(ValueError, match="saved with checkpoint_frozen=True but this loop has checkpoint_frozen=False"):
+        make_loop(tmp_path)
+
+
+def test_restoring_into_a_different_model_names_the_checkpoint(tmp_path):
+    with make_loop(tmp_path) as loop:
+        loop.run(stop_at=2)
+    tx = make_optimizer(OPT)
+    other = create_train_state({"w": jnp.zeros((3, 3))}, tx, frozen={"gain": jnp.asarray(1.5)}, ema=True)
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoints/2 does not match the train state"):
+        TrainLoop(workdir=tmp_path, step_fn=None, state=other, data=ToyData(), total_steps=TOTAL, key=jax.random.key(0))

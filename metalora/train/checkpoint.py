@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-__all__ = ["abstract_like", "make_checkpoint_manager", "restore_checkpoint", "save_checkpoint"]
+__all__ = ["abstract_like", "make_checkpoint_manager", "restore_checkpoint", "restore_meta", "save_checkpoint"]
 
 ITEMS = ("state", "data", "meta")
 
@@ -92,3 +92,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: Any) -
         ),
     )
     return restored["state"], restored["data"], restored["meta"]
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """Only the ``meta`` item of ``step`` (cheap: no arrays are read)."""
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

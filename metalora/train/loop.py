@@ -233,7 +233,17 @@ class TrainLoop:
         if step is None:
             return None
         frozen = self.state.frozen
-        tree, data_state, meta = ckpt.restore_checkpoint(self.manager, step, self._checkpoint_tree())
+        where = self.checkpoint_dir / str(step)
+        saved_frozen = ckpt.restore_meta(self.manager, step).get("checkpoint_frozen", False)
+        if saved_frozen != self.checkpoint_frozen:
+            raise ValueError(
+                f"checkpoint {where} was saved with checkpoint_frozen={saved_frozen} but this loop has "
+                f"checkpoint_frozen={self.checkpoint_frozen}; use the same setting to resume"
+            )
+        try:
+            tree, data_state, meta = ckpt.restore_checkpoint(self.manager, step, self._checkpoint_tree())
+        except ValueError as e:
+            raise ValueError(f"checkpoint {where} does not match the train state passed to TrainLoop: {e}") from e
         restored_key = _data_to_key(tree["base_key"], meta.get("key_impl"))
         if not np.array_equal(np.asarray(_key_to_data(self.key)[0]), np.asarray(tree["base_key"])):
             log.warning("resuming with the checkpointed base key, not the one passed in (seed changed?)")
@@ -242,7 +252,7 @@ class TrainLoop:
         self.key = restored_key
         self.data.set_state(data_state)
         if int(self.state.step) != step:
-            raise RuntimeError(f"checkpoint {self.checkpoint_dir / str(step)} holds state.step={int(self.state.step)}")
+            raise RuntimeError(f"checkpoint {where} holds state.step={int(self.state.step)}")
         log.info("resumed from %s at step %d", self.checkpoint_dir, step)
         return step
 
@@ -251,6 +261,7 @@ class TrainLoop:
             "step": step,
             "total_steps": self.total_steps,
             "key_impl": _key_to_data(self.key)[1],
+            "checkpoint_frozen": self.checkpoint_frozen,
             "time": time.time(),
         }
         return ckpt.save_checkpoint(self.manager, step, self._checkpoint_tree(), data_state, meta, force=force)
