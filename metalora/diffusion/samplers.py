@@ -134,8 +134,13 @@ def ddim_step(
     x0 = _clip_x0(schedule, x0)
     variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
     std = eta * jnp.sqrt(variance)
-    # max(·, 0): for eta = 1 the expression is ≥ 0 analytically but can round to -1e-9, which would give NaN.
-    direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - std**2, 0.0)) * eps
+    # The direction coefficient is sqrt(1 - ᾱ_prev - std²). Written that way (as diffusers does) it cancels
+    # catastrophically when ᾱ_t → 0 and η = 1 (zero-terminal-SNR schedules), leaving sqrt(rounding) ≈ 2e-4 or a
+    # NaN. Expanding std² gives a sum of non-negative terms for η ≤ 1 instead:
+    #   1 - ᾱ_prev - std² = (1 - ᾱ_prev)·[(1 - η²) + η²·ᾱ_t(1 - ᾱ_prev) / (ᾱ_prev(1 - ᾱ_t))].
+    eta2 = jnp.square(eta)
+    bracket = (1.0 - eta2) + eta2 * a_t * (1.0 - a_prev) / (a_prev * (1.0 - a_t))
+    direction = jnp.sqrt(jnp.maximum((1.0 - a_prev) * bracket, 0.0)) * eps
     prev_sample = jnp.sqrt(a_prev) * x0 + direction
     if variance_noise is not None:
         prev_sample = prev_sample + std * variance_noise
