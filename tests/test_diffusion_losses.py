@@ -15,6 +15,7 @@ from metalora.diffusion import (
     eps_to_x0,
     flow_add_noise,
     flow_target,
+    flow_training_inputs,
     flow_velocity_to_x0,
     get_velocity,
     loss_weights,
@@ -23,6 +24,7 @@ from metalora.diffusion import (
     sample_flow_sigmas,
     sample_timesteps,
     snr,
+    training_inputs,
     training_target,
     v_to_eps,
     v_to_x0,
@@ -173,3 +175,25 @@ def test_sample_flow_sigmas_distributions():
     np.testing.assert_allclose(shifted, 3 * u / (1 + 2 * u), rtol=1e-5)  # same u, shifted towards noise
     with pytest.raises(ValueError, match="weighting"):
         sample_flow_sigmas(key, 4, plain, weighting="cosmap")
+
+
+def test_training_inputs_are_consistent_and_keyed():
+    schedule = NoiseSchedule.create(**SD, prediction_type="v_prediction")
+    x0 = jnp.asarray(_data(5, (8, 4, 4, 3))[0])
+    key = jax.random.key(11)
+    x_t, t, target = training_inputs(schedule, key, x0)
+    assert x_t.shape == target.shape == x0.shape and t.shape == (8,) and t.dtype == jnp.int32
+    # Recover the noise from x_t and check the target is the velocity of that same noise.
+    a = schedule.alphas_cumprod[t][:, None, None, None]
+    noise = (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+    np.testing.assert_allclose(target, get_velocity(schedule, x0, noise, t), atol=1e-4)
+    again = training_inputs(schedule, key, x0)
+    np.testing.assert_array_equal(again[0], x_t)
+    assert not np.array_equal(training_inputs(schedule, jax.random.key(12), x0)[0], x_t)
+
+    flow = FlowMatchSchedule(shift=3.0)
+    x_s, t_model, v = flow_training_inputs(flow, key, x0, weighting="logit_normal")
+    sigmas = t_model / flow.num_train_timesteps
+    assert bool(jnp.all((sigmas > 0) & (sigmas < 1)))
+    noise = v + x0  # target = noise - x0
+    np.testing.assert_allclose(x_s, flow_add_noise(x0, noise, sigmas), atol=1e-5)

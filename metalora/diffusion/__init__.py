@@ -3,13 +3,13 @@
 Typical training step (discrete schedule)::
 
     schedule = NoiseSchedule.from_config(config)                 # or schedule_from_pretrained(folder)
-    k_t, k_eps = jax.random.split(key)
-    t = sample_timesteps(k_t, batch, schedule.num_train_timesteps)
-    noise = jax.random.normal(k_eps, x0.shape)
-    pred = model_fn(params, add_noise(schedule, x0, noise, t), t, cond)
-    loss = diffusion_loss(pred, training_target(schedule, x0, noise, t), loss_weights(schedule, t, 5.0))
+    x_t, t, target = training_inputs(schedule, jax.random.fold_in(rng, step), x0)
+    pred = model_fn(params, x_t, t, cond)
+    loss = diffusion_loss(pred, target, loss_weights(schedule, t, min_snr_gamma=5.0))
 
-Sampling: ``ddim_sample`` / ``ddpm_sample`` / ``flow_euler_sample`` with ``model_fn(params, x, t, cond)``.
+Sampling: ``ddim_sample`` / ``ddpm_sample`` / ``flow_euler_sample`` with ``model_fn(params, x, t, cond)``;
+define ``model_fn`` once (it is a static jit argument, a fresh lambda per call would recompile) and pass the
+weights as ``params``.
 """
 
 from metalora.diffusion.forward import (
@@ -29,12 +29,14 @@ from metalora.diffusion.forward import (
 )
 from metalora.diffusion.losses import (
     diffusion_loss,
+    flow_training_inputs,
     loss_weights,
     min_snr_weights,
     per_example_mse,
     sample_flow_sigmas,
     sample_timesteps,
     snr,
+    training_inputs,
 )
 from metalora.diffusion.samplers import (
     ModelFn,
@@ -83,6 +85,7 @@ __all__ = [
     "flow_euler_sample",
     "flow_euler_step",
     "flow_target",
+    "flow_training_inputs",
     "flow_velocity_to_x0",
     "get_velocity",
     "guided_prediction",
@@ -103,6 +106,7 @@ __all__ = [
     "schedule_from_pretrained",
     "snr",
     "squaredcos_cap_v2_betas",
+    "training_inputs",
     "training_target",
     "v_to_eps",
     "v_to_x0",

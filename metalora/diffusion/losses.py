@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from metalora.diffusion.forward import add_noise, flow_add_noise, flow_target, training_target
 from metalora.diffusion.schedules import FlowMatchSchedule, NoiseSchedule
 
 
@@ -87,3 +88,22 @@ def sample_flow_sigmas(
     else:
         raise ValueError(f"weighting={weighting!r} is not supported; choose 'uniform' or 'logit_normal'")
     return schedule.shift_sigmas(u, mu).astype(jnp.float32)
+
+
+def training_inputs(schedule: NoiseSchedule, key: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One draw of (x_t, t, target) for a batch of clean samples: uniform t, Gaussian noise, both from ``key``."""
+    k_t, k_noise = jax.random.split(key)
+    t = sample_timesteps(k_t, x0.shape[0], schedule.num_train_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    return add_noise(schedule, x0, noise, t), t, training_target(schedule, x0, noise, t)
+
+
+def flow_training_inputs(
+    schedule: FlowMatchSchedule, key: jax.Array, x0: jax.Array, **sigma_kwargs
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rectified-flow (x_σ, t = σ·num_train_timesteps, target = noise - x0); ``sigma_kwargs`` go to
+    :func:`sample_flow_sigmas` (weighting, logit_mean, logit_std, mu)."""
+    k_sigma, k_noise = jax.random.split(key)
+    sigmas = sample_flow_sigmas(k_sigma, x0.shape[0], schedule, **sigma_kwargs)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    return flow_add_noise(x0, noise, sigmas), sigmas * schedule.num_train_timesteps, flow_target(x0, noise)

@@ -14,7 +14,9 @@ Classifier-free guidance follows diffusers: ``uncond`` and ``cond`` are concaten
 
 Compilation: ``model_fn``, ``num_inference_steps`` and ``return_trajectory`` are static (the timesteps are host
 constants derived from them and the schedule's static fields); ``guidance_scale`` and ``eta`` are traced, so
-sweeping them never recompiles, and the loop body — hence the model — is traced once per compile.
+sweeping them never recompiles, and the loop body — hence the model — is traced once per compile. Define
+``model_fn`` once (e.g. ``functools.partial(apply_fn, graphdef)`` built at start-up): jit keys static arguments
+by identity, so a fresh lambda per call compiles anew.
 
 Randomness is per example: ``keys`` holds one PRNG key per batch row (a "seed"). :func:`initial_noise` draws
 x_T from ``fold_in(key, 0)`` and step ``i`` draws its noise from ``fold_in(fold_in(key, 1), i)``, so a seed's
