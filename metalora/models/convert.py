@@ -63,7 +63,7 @@ def register_layout(module_type: type, layout: dict[str, tuple[str, Callable, Ca
 
 
 def module_key(path: tuple) -> str:
-    """NNX module path → the dotted torch module name, e.g. ('down_blocks', 0, 'resnets', 1) → 'down_blocks.0.resnets.1'."""
+    """NNX module path → dotted torch module name: ('down_blocks', 0, 'resnets', 1) → 'down_blocks.0.resnets.1'."""
     return ".".join(str(p) for p in path)
 
 
