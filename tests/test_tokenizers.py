@@ -22,7 +22,10 @@ def test_layout_matches_clip_convention():
         ids[0], [0, word("a"), word("photo"), word("of"), word("sks"), word("person"), 1, 1, 1, 1])
     np.testing.assert_array_equal(ids[1], [0, word("a"), word("photo"), word(","), word("smiling"), 1, 1, 1, 1, 1])
     assert tok.tokens[:2] == (BOS_TOKEN, EOS_TOKEN)
-    assert tok.vocab_size == 2 + len(tokenizers.DEFAULT_RARE_TOKENS) + len(WORDS)
+    # "," is both a vocabulary word here and default punctuation: it is counted once.
+    assert tok.vocab_size == 2 + len(tokenizers.DEFAULT_RARE_TOKENS) + len(tokenizers.DEFAULT_PUNCTUATION) + len(
+        WORDS) - 1
+    assert WordTokenizer(WORDS, punctuation=()).vocab_size == tok.vocab_size - 1  # only "." is gone
 
 
 def test_round_trip_and_hyphenated_words():
@@ -143,3 +146,15 @@ def test_both_tokenizers_satisfy_the_interface(clip_tokenizer_folder):
         out = tok(["a photo"])
         assert out.shape == (1, tok.max_length) and out.dtype == np.int32
         assert int(out.max()) < tok.vocab_size
+
+
+def test_procedural_world_captions_tokenize():
+    """The data module's caption grammar, including its comma-separated phrases and the identifier token."""
+    world = pytest.importorskip("metalora.data.world")
+    tok = WordTokenizer(world.CAPTION_VOCABULARY, max_length=40)
+    longest = world.make_caption({"glasses": "red", "hat": "orange", "expression": "neutral", "pose": "frontal",
+                                  "lighting": "front", "background": "orange"}, identifier="sks")
+    ids = tok.tokenize([longest])[0]
+    assert tok.decode(ids) == longest.replace(",", " ,")
+    n_tokens = int((ids != tok.pad_token_id).sum()) + 1  # + the EOS, which equals the pad id
+    assert n_tokens <= 40

@@ -26,6 +26,8 @@ import numpy as np
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_RARE_TOKENS = ("sks", "ohwx", "zwx", "phol")
+# Punctuation that captions use to separate phrases ("a photo of a person, smiling"); always in the vocabulary.
+DEFAULT_PUNCTUATION = (",", ".")
 
 # A word keeps inner hyphens/apostrophes ("t-shirt", "person's"); other punctuation is a token of its own.
 _WORD_PATTERN = re.compile(r"[\w'\-]+|[^\w\s]")
@@ -66,13 +68,15 @@ class WordTokenizer:
     """Word-level tokenizer over a closed vocabulary.
 
     Ids: 0 = ``<|startoftext|>``, 1 = ``<|endoftext|>``, then the pad token (if separate), the unk token (if
-    any), the rare identifier tokens, and the vocabulary words in the order given (duplicates dropped).
+    any), the rare identifier tokens, the punctuation tokens, and the vocabulary words in the order given
+    (duplicates, and words already among the punctuation, dropped).
     Text is lowercased and split into words (``_WORD_PATTERN``).
 
     Args:
       vocabulary: the caption grammar's words (e.g. from the data module).
       max_length: every sequence is padded to this length, BOS and EOS included (SD's tokenizer uses 77).
       rare_tokens: reserved identifier tokens; they must not be vocabulary words (they must stay rare).
+      punctuation: punctuation tokens added to the vocabulary (each a single non-word character).
       unk_token: if given, unknown words map to this token instead of raising.
       pad_token: if given, a separate padding token; by default sequences are padded with EOS, as CLIP does.
       truncate: if False (default), a caption longer than ``max_length - 2`` words raises; if True it is cut
@@ -80,14 +84,15 @@ class WordTokenizer:
     """
 
     def __init__(self, vocabulary: Sequence[str], *, max_length: int = 24,
-                 rare_tokens: Sequence[str] = DEFAULT_RARE_TOKENS, unk_token: str | None = None,
-                 pad_token: str | None = None, truncate: bool = False):
+                 rare_tokens: Sequence[str] = DEFAULT_RARE_TOKENS, punctuation: Sequence[str] = DEFAULT_PUNCTUATION,
+                 unk_token: str | None = None, pad_token: str | None = None, truncate: bool = False):
         if isinstance(vocabulary, str):
             raise TypeError("vocabulary must be a sequence of words, not a single string")
         if max_length < 3:
             raise ValueError(f"max_length={max_length} leaves no room for a word between BOS and EOS")
-        words = list(dict.fromkeys(w.lower() for w in vocabulary))
-        for word in [*words, *rare_tokens]:
+        punctuation = tuple(dict.fromkeys(punctuation))
+        words = [w for w in dict.fromkeys(w.lower() for w in vocabulary) if w not in punctuation]
+        for word in [*words, *rare_tokens, *punctuation]:
             if not word or _WORD_PATTERN.fullmatch(word) is None:
                 raise ValueError(f"vocabulary entry {word!r} is not a single word under the word pattern "
                                  f"{_WORD_PATTERN.pattern!r}, so text could never produce it")
@@ -96,12 +101,13 @@ class WordTokenizer:
             raise ValueError(f"rare tokens {clash} also occur in the vocabulary; an identifier token must not be "
                              "a word the captions already use")
         specials = [BOS_TOKEN, EOS_TOKEN] + [t for t in (pad_token, unk_token) if t is not None]
-        tokens = specials + [t.lower() for t in rare_tokens] + words
+        tokens = specials + [t.lower() for t in rare_tokens] + list(punctuation) + words
         if len(set(tokens)) != len(tokens):
             raise ValueError(f"special/rare tokens collide: {specials + list(rare_tokens)}")
         self.max_length = int(max_length)
         self.truncate = bool(truncate)
         self.rare_tokens = tuple(t.lower() for t in rare_tokens)
+        self.punctuation = punctuation
         self.unk_token = unk_token
         self.pad_token = pad_token
         self._vocabulary = tuple(words)
@@ -169,15 +175,17 @@ class WordTokenizer:
 
     def to_dict(self) -> dict:
         return {"format": _FORMAT, "vocabulary": list(self._vocabulary), "max_length": self.max_length,
-                "rare_tokens": list(self.rare_tokens), "unk_token": self.unk_token, "pad_token": self.pad_token,
-                "truncate": self.truncate, "tokens": list(self._tokens)}
+                "rare_tokens": list(self.rare_tokens), "punctuation": list(self.punctuation),
+                "unk_token": self.unk_token, "pad_token": self.pad_token, "truncate": self.truncate,
+                "tokens": list(self._tokens)}
 
     @classmethod
     def from_dict(cls, data: dict) -> WordTokenizer:
         if data.get("format") != _FORMAT:
             raise ValueError(f"not a metalora word tokenizer: format={data.get('format')!r}, expected {_FORMAT!r}")
         tok = cls(data["vocabulary"], max_length=data["max_length"], rare_tokens=data["rare_tokens"],
-                  unk_token=data["unk_token"], pad_token=data["pad_token"], truncate=data["truncate"])
+                  punctuation=data["punctuation"], unk_token=data["unk_token"], pad_token=data["pad_token"],
+                  truncate=data["truncate"])
         if "tokens" in data and list(tok.tokens) != list(data["tokens"]):
             raise ValueError("tokenizer file is inconsistent: its token list does not match the one its vocabulary "
                              "and options produce (ids would silently shift)")
