@@ -88,15 +88,15 @@ def load_photo(
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     if face_crop is not None:
         box = tuple(int(v) for v in face_crop(im))
-        l, t, r, b = box
-        if not (0 <= l < r <= im.width and 0 <= t < b <= im.height):
+        left, top, right, bottom = box
+        if not (0 <= left < right <= im.width and 0 <= top < bottom <= im.height):
             raise DataError(f"face crop box {box} outside image {path} of size {im.size}")
         im = im.crop(box)
     w, h = im.size
     side = min(w, h)
     if (w, h) != (side, side):
-        l, t = (w - side) // 2, (h - side) // 2
-        im = im.crop((l, t, l + side, t + side))
+        left, top = (w - side) // 2, (h - side) // 2
+        im = im.crop((left, top, left + side, top + side))
     if resolution is not None and im.size != (resolution, resolution):
         im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
     return np.asarray(im, np.uint8)
@@ -130,9 +130,7 @@ def _read_attributes(path: pathlib.Path, image_names: set[str]) -> dict[str, dic
     return {k: {str(a): str(v) for a, v in d.items()} for k, d in data.items()}
 
 
-def scan_identity_folders(
-    root: pathlib.Path | str, *, on_error: str = "raise", validate: bool = True
-) -> FolderScan:
+def scan_identity_folders(root: pathlib.Path | str, *, on_error: str = "raise", validate: bool = True) -> FolderScan:
     """List and validate identity folders under ``root``.
 
     ``on_error="raise"`` (default) raises DataError at the first bad file or empty folder; ``"skip"`` skips it and
@@ -160,8 +158,11 @@ def scan_identity_folders(
             elif f.is_dir():
                 bad(f, "unexpected sub-folder in an identity folder")
             elif f.suffix.lower() not in IMAGE_SUFFIXES:
-                bad(f, f"not an image file (suffix {f.suffix!r}; expected one of {IMAGE_SUFFIXES} or "
-                       f"{CAPTIONS_FILE}/{ATTRIBUTES_FILE})")
+                bad(
+                    f,
+                    f"not an image file (suffix {f.suffix!r}; expected one of {IMAGE_SUFFIXES} or "
+                    f"{CAPTIONS_FILE}/{ATTRIBUTES_FILE})",
+                )
             else:
                 if validate:
                     try:

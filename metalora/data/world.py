@@ -207,9 +207,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def make_caption(
-    attributes: dict[str, str], *, class_word: str = CLASS_WORD, identifier: str | None = None
-) -> str:
+def make_caption(attributes: dict[str, str], *, class_word: str = CLASS_WORD, identifier: str | None = None) -> str:
     """Caption from a (possibly partial) attribute dict, in a fixed order so it parses back (``parse_caption``).
 
     ``identifier`` (e.g. "sks") is the rare token put before the class word for personalisation prompts.
@@ -318,7 +316,7 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
     yaw = {"left": -1.0, "frontal": 0.0, "right": 1.0}[a["pose"]]
     skin = _ramp(_SKIN_RAMP, t[_T["skin_tone"]])
     hair = _ramp(_HAIR_RAMP, t[_T["hair_colour"]])
-    style = HAIR_STYLES[int(round(t[_T["hair_style"]]))]
+    style = HAIR_STYLES[round(float(t[_T["hair_style"]]))]
     grow = 0.05 + 0.12 * t[_T["hair_volume"]]
     lw = max(1, round(S / 64))  # a line width that survives the downsample
 
@@ -347,8 +345,15 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
         if yaw * side < 0:
             continue
         ex = cx + side * fw * (0.97 - 0.12 * abs(yaw)) + 0.1 * yaw * fw
-        d.ellipse(box(ex - 0.5 * ear * fw, cy - 0.05 * fh - ear * fh * 0.5, ex + 0.5 * ear * fw, cy + 0.2 * fh + ear * fh * 0.5),
-                  fill=_rgba(skin, 0.9))
+        d.ellipse(
+            box(
+                ex - 0.5 * ear * fw,
+                cy - 0.05 * fh - ear * fh * 0.5,
+                ex + 0.5 * ear * fw,
+                cy + 0.2 * fh + ear * fh * 0.5,
+            ),
+            fill=_rgba(skin, 0.9),
+        )
 
     # Face.
     outline = _face_outline(cx + 0.08 * yaw * fw, cy, fw * (1 - 0.06 * abs(yaw)), fh, jaw)
@@ -432,7 +437,9 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
         d.ellipse(box(mx - mw * fw, my - mh * 0.6, mx + mw * fw, my + mh * 0.6), fill=lip)
     elif expression == "smiling":
         w = mw * fw * 1.2
-        d.chord(box(mx - w, my - 2.2 * mh, mx + w, my + 2.2 * mh), 0, 180, fill=(90, 20, 25, 255), outline=lip, width=lw)
+        d.chord(
+            box(mx - w, my - 2.2 * mh, mx + w, my + 2.2 * mh), 0, 180, fill=(90, 20, 25, 255), outline=lip, width=lw
+        )
         d.rectangle(box(mx - w * 0.7, my, mx + w * 0.7, my + 0.6 * mh), fill=(250, 250, 250, 255))
     else:  # surprised: a round open mouth
         w = mw * fw * 0.45
@@ -480,7 +487,7 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
     ox, oy = cx * S, cy * S
     tx, ty = (cx + dx) * S, (cy + dy) * S
     coeffs = (c, s, ox - c * tx - s * ty, -s, c, oy + s * tx - c * ty)
-    layer = layer.transform((S, S), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
+    layer = layer.transform((S, S), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
 
     canvas = Image.new("RGBA", (S, S), (*_RGB[a["background"]], 255))
     canvas.alpha_composite(layer)
