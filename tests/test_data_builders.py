@@ -142,3 +142,19 @@ def test_lfw_split_is_deterministic_and_disjoint(lfw_root):
     assert len(s["test"]) == 50 and len(s["meta_train"]) == 290
     assert not set(s["test"]) & set(s["meta_train"])
     assert set(s["test"]) | set(s["meta_train"]) == set(names)
+
+
+@pytest.mark.lfw
+def test_lfw_builder(lfw_root, tmp_path):
+    """The real-photo track builds from its folder: 340 identities, 290 meta-train / 50 test, every photo kept."""
+    b = builders.prepare(builders.folder_builder(builders.folder_config(lfw_root, resolution=32), tmp_path))
+    ids = {}
+    for split in builders.FOLDER_SPLITS:
+        ids[split] = set(builders.identity_index(builders.data_source(b, split, decode_images=False)))
+    assert len(ids["meta_train"]) == 290 and len(ids["test"]) == 50
+    assert not ids["meta_train"] & ids["test"]
+    assert sum(b.info.splits[s].num_examples for s in builders.FOLDER_SPLITS) == 3634
+    ex = builders.data_source(b, "test")[0]
+    path = lfw_root / builders.decode_text(ex["identity_name"]) / builders.decode_text(ex["image_name"])
+    np.testing.assert_array_equal(ex["image"], folders.load_photo(path, 32))
+    assert builders.decode_text(ex["caption"]) == "a photo of a person"

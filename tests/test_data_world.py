@@ -140,3 +140,15 @@ def test_attributes_are_visible_at_32px(name, a, b):
 def test_negative_ids_rejected():
     with pytest.raises(ValueError, match="non-negative"):
         world.identity_traits(0, -1)
+
+
+def test_preview_writes_contact_sheet(tmp_path):
+    from PIL import Image
+
+    from metalora.data import preview
+
+    out = preview.main(["--out", str(tmp_path / "sheet.png"), "--identities", "3", "--images", "4", "--zoom", "1"])
+    im = Image.open(out)
+    assert im.size == (4 * 34 + 2, 3 * 34 + 2)  # 32 px tiles with 2 px gaps
+    grid, _ = preview.synthetic_grid(0, [0, 1, 2], 4, 32)
+    np.testing.assert_array_equal(np.asarray(im)[2:34, 2:34], grid[0, 0])
