@@ -158,3 +158,15 @@ def test_lfw_builder(lfw_root, tmp_path):
     path = lfw_root / builders.decode_text(ex["identity_name"]) / builders.decode_text(ex["image_name"])
     np.testing.assert_array_equal(ex["image"], folders.load_photo(path, 32))
     assert builders.decode_text(ex["caption"]) == "a photo of a person"
+
+
+def test_registered_name_reads_through_tfds_data_source(smoke):
+    import pathlib
+
+    import tensorflow_datasets as tfds
+
+    root = pathlib.Path(smoke.data_dir).parents[2]  # <root>/synth_identities/smoke/1.0.0
+    src = tfds.data_source("synth_identities/smoke", split="test", data_dir=root, download=False)
+    mine = builders.data_source(smoke, "test")
+    assert len(src) == len(mine)
+    assert src[3]["caption"] == mine[3]["caption"] and int(src[3]["identity"]) == int(mine[3]["identity"])
