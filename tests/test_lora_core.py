@@ -285,14 +285,13 @@ def test_subject_indexed_batch_equals_per_subject_calls(config):
         assert_close(grid[s], run(lora.take_subject(model, s), *(a[s:s + 1] for a in x)))
 
 
-def _all_avals(jaxpr):
+def _eqns(jaxpr):
     for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            yield var.aval
+        yield eqn
         for param in eqn.params.values():
             inner = getattr(param, "jaxpr", param)
             if hasattr(inner, "eqns"):
-                yield from _all_avals(inner)
+                yield from _eqns(inner)
 
 
 def test_vmap_does_not_replicate_base_weights():
@@ -300,10 +299,14 @@ def test_vmap_does_not_replicate_base_weights():
     graphdef, base, meta, heads = lora.split_roles(model)
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (3, *a.shape)), toy_inputs(jax.random.key(0), 2))
     jaxpr = jax.make_jaxpr(lambda h: lora.apply_subjects(forward, graphdef, base, meta, h, *stacked))(heads)
-    replicated = {(3, *leaf.shape) for leaf in jax.tree.leaves(nnx.filter_state(base, nnx.Param))
-                  if leaf.ndim >= 2} | {(3, *leaf.shape) for leaf in jax.tree.leaves(meta)}
-    found = [a.shape for a in _all_avals(jaxpr.jaxpr) if getattr(a, "shape", None) in replicated]
-    assert not found, f"per-subject copies of base/meta weights in the vmapped program: {found}"
+    weights = [leaf for leaf in jax.tree.leaves(nnx.filter_state(base, nnx.Param)) + jax.tree.leaves(meta)
+               if leaf.ndim >= 2]
+    replicated = {(3, *w.shape) for w in weights}
+    products = [e for e in _eqns(jaxpr.jaxpr) if str(e.primitive) in ("dot_general", "conv_general_dilated")]
+    assert products
+    bad = [[v.aval.shape for v in e.invars] for e in products
+           if any(getattr(v.aval, "shape", None) in replicated for v in e.invars)]
+    assert not bad, f"matmuls/convs on per-subject copies of base/meta weights: {bad}"
 
 
 def test_fresh_heads_and_pool_reinit():
