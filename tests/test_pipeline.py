@@ -1,0 +1,367 @@
+"""Stable Diffusion / SDXL pipelines from a diffusers folder: prompt encoding and 10-step DDIM sampling with CFG
+against diffusers' own pipelines (torch, f32) on tiny random models, plus model_index.json errors."""
+
+import json
+import pathlib
+import shutil
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from metalora.diffusion import samplers
+from metalora.models.pipeline import PipelineConfigError, load_pipeline, per_image_keys, read_model_index, to_uint8
+from metalora.models.vae import latent_cache
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 16
+PROMPTS = ["a photo of sks", "photo of a cat, sks"]
+NEGATIVE = ["blurry", "ugly photo"]
+SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                set_alpha_to_one=False, steps_offset=1)
+
+
+def _tokenizer(folder: pathlib.Path, pad_token: str | None = None) -> CLIPTokenizer:
+    """A tiny byte-level BPE CLIP tokenizer from a hand-written vocab/merges (SDXL's second one pads with '!')."""
+    vocab = {}
+    for suffix in ("", "</w>"):
+        for c in string.ascii_lowercase + "!,":
+            vocab[c + suffix] = len(vocab)
+    merges = ["p h", "ph o", "t o</w>", "pho to</w>", "s k", "sk s</w>", "o f</w>", "c a", "ca t</w>"]
+    for merge in merges:
+        vocab[merge.replace(" ", "")] = len(vocab)
+    vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {"model_max_length": MAX_LENGTH, **({"pad_token": pad_token} if pad_token else {})}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def _text_encoder(tokenizer, cls, *, hidden_size: int, hidden_act: str = "quick_gelu", projection_dim: int = 16):
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
+                            hidden_act=hidden_act, projection_dim=projection_dim,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    return cls(config).eval()
+
+
+def _perturbed(model, scale: float):
+    """Moves every parameter off its init (zero-init output convs, unit norms) so all of them matter."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def _vae():
+    return _perturbed(AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                                    sample_size=32), 0.05).eval()
+
+
+def build_sd(folder: pathlib.Path, **schedule) -> StableDiffusionPipeline:
+    """SD-1.x-like: 32×32 pixels, 16×16 latents, one CLIPTextModel, no safety checker."""
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(folder.parent / f"{folder.name}-tokenizer")
+    text_encoder = _text_encoder(tokenizer, CLIPTextModel, hidden_size=32)
+    if not hasattr(text_encoder, "text_model"):
+        # diffusers 0.42's clip_skip path calls text_encoder.text_model.final_layer_norm, a module transformers 5
+        # folded into CLIPTextModel itself; an unregistered alias restores the attribute for the reference run.
+        object.__setattr__(text_encoder, "text_model", text_encoder)
+    unet = _perturbed(UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=16), 0.05).eval()
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**{**SCHEDULE, **schedule}), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe.to(torch.float32)
+
+
+def build_sdxl(folder: pathlib.Path, **options) -> StableDiffusionXLPipeline:
+    """SDXL-like: two encoders (the second with projection and gelu, padding with '!'), text_time conditioning."""
+    torch.manual_seed(1)
+    tokenizer = _tokenizer(folder.parent / f"{folder.name}-tokenizer")
+    tokenizer_2 = _tokenizer(folder.parent / f"{folder.name}-tokenizer-2", pad_token="!")
+    text_encoder = _text_encoder(tokenizer, CLIPTextModel, hidden_size=16)
+    text_encoder_2 = _text_encoder(tokenizer_2, CLIPTextModelWithProjection, hidden_size=32, hidden_act="gelu",
+                                   projection_dim=24)
+    unet = _perturbed(UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=48, attention_head_dim=(2, 4),
+        norm_num_groups=8, use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), sample_size=16), 0.05).eval()
+    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=DDIMScheduler(**SCHEDULE, timestep_spacing="trailing"),
+                                     add_watermarker=False, **options)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe.to(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd") / "pipeline"
+    return build_sd(folder), load_pipeline(folder)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "pipeline"
+    return build_sdxl(folder), load_pipeline(folder)
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x.detach().numpy() if isinstance(x, torch.Tensor) else x)
+
+
+def _torch_latents(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _nhwc(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompt encoding
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_skip", [None, 1])
+@pytest.mark.parametrize("negative", [None, NEGATIVE])
+def test_sd_prompt_embeddings_match_diffusers(sd, clip_skip, negative):
+    reference, ours = sd
+    with torch.no_grad():
+        want, want_neg = reference.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=negative,
+                                                 clip_skip=clip_skip)
+    cond, uncond = ours.encode_prompt(PROMPTS, negative, clip_skip=clip_skip)
+    assert set(cond) == {"encoder_hidden_states"}
+    np.testing.assert_allclose(cond["encoder_hidden_states"], _np(want), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(uncond["encoder_hidden_states"], _np(want_neg), atol=1e-4, rtol=0)
+    assert ours.encode_prompt(PROMPTS, guidance=False)[1] is None
+
+
+@pytest.mark.parametrize("clip_skip", [None, 1])
+@pytest.mark.parametrize("negative", [None, NEGATIVE])
+def test_sdxl_prompt_embeddings_match_diffusers(sdxl, clip_skip, negative):
+    reference, ours = sdxl
+    assert ours.force_zeros_for_empty_prompt
+    with torch.no_grad():
+        want, want_neg, pooled, pooled_neg = reference.encode_prompt(
+            PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative, clip_skip=clip_skip)
+    cond, uncond = ours.encode_prompt(PROMPTS, negative, clip_skip=clip_skip)
+    assert cond["encoder_hidden_states"].shape == (2, MAX_LENGTH, 16 + 32)
+    for key, a, b in (("encoder_hidden_states", want, want_neg), ("text_embeds", pooled, pooled_neg)):
+        np.testing.assert_allclose(cond[key], _np(a), atol=1e-4, rtol=0, err_msg=key)
+        np.testing.assert_allclose(uncond[key], _np(b), atol=1e-4, rtol=0, err_msg=key)
+    if negative is None:  # force_zeros_for_empty_prompt
+        assert not np.any(np.asarray(uncond["encoder_hidden_states"])) and not np.any(uncond["text_embeds"])
+
+
+def test_prompt_argument_errors(sd):
+    _, ours = sd
+    with pytest.raises(ValueError, match="negative_prompts has 1 entries but prompts has 2"):
+        ours.encode_prompt(PROMPTS, ["x"])
+    with pytest.raises(TypeError, match="prompts must be strings"):
+        ours.encode_prompt(["a", 3])
+    # A single string is one prompt; a string negative prompt applies to every prompt.
+    single, _ = ours.encode_prompt("a photo of sks", "blurry")
+    both, uncond = ours.encode_prompt(PROMPTS, "blurry")
+    np.testing.assert_allclose(single["encoder_hidden_states"][0], both["encoder_hidden_states"][0], atol=1e-6)
+    np.testing.assert_allclose(uncond["encoder_hidden_states"][0], uncond["encoder_hidden_states"][1], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling parity: 10 DDIM steps, CFG, same initial latents
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_sd_sampling_matches_diffusers(sd):
+    reference, ours = sd
+    latents = _torch_latents(2)
+    with torch.no_grad():
+        want = reference(PROMPTS, num_inference_steps=10, guidance_scale=7.5, latents=latents.clone(),
+                         output_type="np").images
+    got = ours.sample(PROMPTS, num_inference_steps=10, guidance_scale=7.5, latents=_nhwc(latents))
+    assert got.shape == want.shape == (2, 32, 32, 3) and got.dtype == np.float32
+    assert want.std() > 0.05  # a non-trivial image, not a saturated one
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+
+
+def test_sd_v_prediction_clip_skip_negative_and_no_guidance_match_diffusers(tmp_path):
+    """SD-2.x-like options: v-prediction, trailing spacing, clip_skip, negative prompts; and guidance ≤ 1
+    (diffusers then runs the conditional branch only)."""
+    reference = build_sd(tmp_path / "sd2", prediction_type="v_prediction", timestep_spacing="trailing")
+    ours = load_pipeline(tmp_path / "sd2")
+    latents = _torch_latents(2, seed=1)
+    for kwargs in (dict(guidance_scale=5.0, clip_skip=1, negative_prompt=NEGATIVE), dict(guidance_scale=1.0)):
+        with torch.no_grad():
+            want = reference(PROMPTS, num_inference_steps=10, latents=latents.clone(), output_type="np",
+                             **kwargs).images
+        negative = kwargs.pop("negative_prompt", None)
+        got = ours.sample(PROMPTS, num_inference_steps=10, latents=_nhwc(latents), negative_prompts=negative,
+                          **kwargs)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=str(kwargs))
+
+
+def test_sdxl_sampling_matches_diffusers(sdxl):
+    """Negative prompts and non-default micro-conditioning (original size, crop) through the added embedding."""
+    reference, ours = sdxl
+    latents = _torch_latents(2, seed=2)
+    micro = dict(original_size=(48, 40), crops_coords_top_left=(4, 2), target_size=(32, 32))
+    with torch.no_grad():
+        want = reference(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=6.0,
+                         latents=latents.clone(), height=32, width=32, output_type="np", **micro).images
+    got = ours.sample(PROMPTS, negative_prompts=NEGATIVE, num_inference_steps=10, guidance_scale=6.0,
+                      latents=_nhwc(latents), height=32, width=32, **micro)
+    assert want.std() > 0.05
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+
+
+def test_sdxl_zeroed_negative_sampling_matches_diffusers(sdxl):
+    reference, ours = sdxl
+    latents = _torch_latents(2, seed=3)
+    with torch.no_grad():
+        want = reference(PROMPTS, num_inference_steps=10, guidance_scale=7.5, latents=latents.clone(),
+                         output_type="np").images
+    got = ours.sample(PROMPTS, num_inference_steps=10, guidance_scale=7.5, latents=_nhwc(latents))
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seeds, compilation, outputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_seeds_are_per_image_and_sampler_compiles_once(sd):
+    _, ours = sd
+    before = samplers._ddim_loop._cache_size()
+    pair = ours.sample(PROMPTS, num_inference_steps=3, seed=7, num_images_per_prompt=2)
+    assert pair.shape == (4, 32, 32, 3)
+    # Same shapes, new seed and guidance scale: the compiled sampler is reused (model_fn is built once).
+    other = ours.sample(PROMPTS, num_inference_steps=3, seed=8, num_images_per_prompt=2, guidance_scale=3.0)
+    assert samplers._ddim_loop._cache_size() == before + 1
+    assert np.abs(pair - other).max() > 1e-2
+    # Prompt-major order, image i from fold_in(key(seed), i): the first image does not depend on the batch.
+    alone = ours.sample(PROMPTS[:1], num_inference_steps=3, seed=7)
+    np.testing.assert_allclose(alone[0], pair[0], atol=1e-5)
+    assert np.abs(pair[0] - pair[1]).max() > 1e-2  # two seeds of one prompt differ
+    keys = per_image_keys(7, 4)
+    np.testing.assert_array_equal(ours.sample(PROMPTS, num_inference_steps=3, keys=keys, num_images_per_prompt=2),
+                                  pair)
+
+
+def test_latents_output_decode_and_unet_params(sd):
+    _, ours = sd
+    z = ours.sample(PROMPTS[:1], num_inference_steps=2, output="latents")
+    assert z.shape == (1, 16, 16, 4)
+    np.testing.assert_allclose(ours.decode(z), ours.sample(PROMPTS[:1], num_inference_steps=2), atol=1e-6)
+    # Other weights of the same structure go through the same model_fn.
+    zeroed = jax.tree.map(jnp.zeros_like, ours.unet_params())
+    with_zero_unet = ours.sample(PROMPTS[:1], num_inference_steps=2, output="latents", unet_params=zeroed)
+    assert np.abs(with_zero_unet - z).max() > 1e-2
+    with pytest.raises(ValueError, match="NHWC"):
+        ours.sample(PROMPTS, latents=np.zeros((2, 4, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="multiples of the VAE factor 2"):
+        ours.sample(PROMPTS, height=33)
+
+
+def test_to_uint8_rounds_like_diffusers():
+    images = np.array([0.0, 0.5, 1.0, 1.2, -0.1, 0.499 / 255], np.float32)
+    np.testing.assert_array_equal(to_uint8(images), [0, 128, 255, 255, 0, 0])
+    assert to_uint8(images).dtype == np.uint8
+
+
+def test_latent_cache_on_the_pipeline_vae_matches_diffusers(sd):
+    """Training data goes through vae.latent_cache on the pipeline's VAE: posterior mean × scaling_factor."""
+    reference, ours = sd
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
+        want = reference.vae.encode(x).latent_dist.mean * reference.vae.config.scaling_factor
+    got = latent_cache(ours.vae, images, batch_size=2)
+    np.testing.assert_allclose(got, _nhwc(want), atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model_index.json errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _index_folder(tmp_path, source: pathlib.Path, **changes) -> pathlib.Path:
+    index = json.loads((source / "model_index.json").read_text())
+    index.update(changes)
+    folder = tmp_path / "edited"
+    folder.mkdir(exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("index") / "pipeline"
+    build_sd(folder)
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(unet=["diffusers", "UNet2DModel"]), r"component 'unet' has class 'UNet2DModel'"),
+    (dict(vae=["diffusers", "AutoencoderTiny"]), r"component 'vae' has class 'AutoencoderTiny'"),
+    (dict(text_encoder=["transformers", "T5EncoderModel"]), r"component 'text_encoder' has class 'T5EncoderModel'"),
+    (dict(controlnet=["diffusers", "ControlNetModel"]), r"component 'controlnet' \(diffusers.ControlNetModel\)"),
+    (dict(scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"]), r"'scheduler'.*flow-matching"),
+    (dict(_class_name="StableDiffusion3Pipeline"), r"_class_name='StableDiffusion3Pipeline' is not supported"),
+    (dict(vae=[None, None]), r"needs components \['vae'\]"),
+])
+def test_bad_model_index_names_component_and_class(tmp_path, sd_folder, changes, message):
+    folder = _index_folder(tmp_path, sd_folder, **changes)
+    with pytest.raises(PipelineConfigError, match=message):
+        load_pipeline(folder)
+
+
+def test_safety_checker_is_skipped_with_a_note(tmp_path, sd_folder):
+    folder = tmp_path / "with_checker"
+    shutil.copytree(sd_folder, folder)
+    _index_folder(tmp_path, sd_folder, safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                  feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    shutil.copy(tmp_path / "edited" / "model_index.json", folder / "model_index.json")
+    pipeline_class, components, options, skipped = read_model_index(folder)
+    assert pipeline_class == "StableDiffusionPipeline" and options["requires_safety_checker"] is True
+    assert set(skipped) == {"feature_extractor", "safety_checker"}
+    assert components == {"scheduler": "DDIMScheduler", "text_encoder": "CLIPTextModel",
+                          "tokenizer": "CLIPTokenizer", "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+    assert set(load_pipeline(folder).skipped_components) == {"feature_extractor", "safety_checker"}
+
+
+def test_component_shape_contracts_are_checked(tmp_path, sd_folder):
+    folder = tmp_path / "mismatch"
+    shutil.copytree(sd_folder, folder)
+    config_path = folder / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_max_length"] = 2 * MAX_LENGTH  # longer than the encoder's position table
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(PipelineConfigError, match="pads to 32 tokens but text_encoder has max_position_embeddings=16"):
+        load_pipeline(folder)
+
+
+def test_missing_model_index(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_pipeline(tmp_path)
