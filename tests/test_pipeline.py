@@ -363,5 +363,5 @@ def test_component_shape_contracts_are_checked(tmp_path, sd_folder):
 
 
 def test_missing_model_index(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model_index.json"):
+    with pytest.raises(FileNotFoundError, match=r"model_index\.json"):
         load_pipeline(tmp_path)

@@ -467,5 +467,14 @@ def load_pipeline(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jn
         skipped_components=skipped)
 
 
-__all__ = ["Pipeline", "PipelineConfigError", "SD", "SDXL", "load_pipeline", "per_image_keys", "read_model_index",
-           "to_uint8", "unet_apply"]
+__all__ = [
+    "SD",
+    "SDXL",
+    "Pipeline",
+    "PipelineConfigError",
+    "load_pipeline",
+    "per_image_keys",
+    "read_model_index",
+    "to_uint8",
+    "unet_apply",
+]
