@@ -1,0 +1,78 @@
+"""Evaluation probes (identity encoder + attribute classifiers) for the procedural world.
+
+    python -m experiments.train_probes --config configs/probes.py --workdir /tmp/probes_r32
+    python -m experiments.train_probes --config configs/probes.py:r64 --workdir /tmp/probes_r64
+    python -m experiments.train_probes --config configs/probes.py:smoke --workdir /tmp/probes_smoke
+
+The trained probes are written to the workdir and, with ``publish=True``, also to ``$METALORA_PROBES/<name>``
+(default ``~/.cache/metalora/probes/r<resolution>``), where ``load_probes("r32")`` finds them.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = arg or "r32"
+    if arg not in ("r32", "r64", "smoke"):
+        raise ValueError(f"configs/probes.py: unknown variant {arg!r}; expected 'r32', 'r64' or 'smoke'")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.name = ""  # published name; "" = "r<resolution>"
+    c.publish = True
+    c.cache_data = True  # rendered arrays cached as .npz under <cache_dir>/data
+    c.cache_dir = ""  # "" = $METALORA_PROBES or ~/.cache/metalora/probes
+    c.num_workers = 0  # rendering processes; 0 = one per core
+
+    # Same identity splits as the synth_identities tfds builder (metalora.data.builders.SynthConfig).
+    c.world = ml_collections.ConfigDict()
+    c.world.world_seed = 0
+    c.world.n_meta_train = 1000
+    c.world.n_meta_val = 100
+    c.world.n_test = 50
+    c.world.images_per_identity = 10
+    c.world.eval_images_per_identity = 10
+
+    c.net = ml_collections.ConfigDict()
+    c.net.resolution = 32
+    c.net.stem_width = 24
+    c.net.widths = (32, 64, 128)
+    c.net.feature_dim = 128
+    c.net.groups = 8
+
+    c.identity = ml_collections.ConfigDict()
+    c.identity.steps = 400
+    c.identity.batch_size = 128
+    c.identity.learning_rate = 3e-3
+    c.identity.warmup_steps = 50
+    c.identity.weight_decay = 5e-4
+    c.identity.loss = "cosface"
+    c.identity.scale = 30.0
+    c.identity.margin = 0.35
+    c.identity.pad = 2
+    c.identity.flip_prob = 0.5
+    c.identity.brightness = 0.1
+    c.identity.channel_gain = 0.05
+    c.identity.log_every = 50
+
+    c.attributes = ml_collections.ConfigDict()
+    c.attributes.steps = 200
+    c.attributes.batch_size = 128
+    c.attributes.learning_rate = 3e-3
+    c.attributes.warmup_steps = 30
+    c.attributes.weight_decay = 5e-4
+    c.attributes.pad = 2
+    c.attributes.flip_prob = 0.5
+    c.attributes.log_every = 50
+
+    if arg == "r64":
+        c.net.resolution = 64
+    if arg == "smoke":
+        c.publish = False
+        c.cache_data = False
+        c.num_workers = 1
+        c.world.n_meta_train, c.world.n_meta_val, c.world.n_test = 16, 6, 6
+        c.world.images_per_identity, c.world.eval_images_per_identity = 4, 4
+        c.net.stem_width, c.net.widths, c.net.feature_dim = 8, (8, 16, 16), 16
+        for g in (c.identity, c.attributes):
+            g.steps, g.batch_size, g.warmup_steps, g.log_every = 4, 16, 1, 2
+    return c

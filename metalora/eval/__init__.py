@@ -1,0 +1,1 @@
+"""Evaluation: probes (identity encoder, attribute classifiers) and the metrics benchmarks report."""
