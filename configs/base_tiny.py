@@ -1,0 +1,110 @@
+"""Base text-to-image model of the procedural world (the stand-in for Stable Diffusion).
+
+    python -m experiments.pretrain_base --config configs/base_tiny.py --workdir runs/base_tiny
+    python -m experiments.pretrain_base --config configs/base_tiny.py:smoke --workdir /tmp/smoke   # CI size
+
+Arguments: ``""`` (default run), ``"smoke"`` (tiny model, a few steps, the 12-identity ``smoke`` dataset).
+"""
+
+import ml_collections
+
+from metalora.data import world
+
+# Fixed prompts of the sample grids: one row per prompt, one column per seed. They cover every prompted
+# attribute (background, glasses/hat with colour, pose, expression) and the bare class prompt.
+SAMPLE_ATTRIBUTES = (
+    {"background": "blue"},
+    {"glasses": "red", "background": "white"},
+    {"hat": "yellow", "expression": "smiling", "background": "gray"},
+    {"glasses": "blue", "hat": "green", "pose": "left", "background": "pink"},
+    {"expression": "surprised", "pose": "right", "background": "green"},
+    {"glasses": "black", "expression": "smiling", "pose": "frontal", "background": "orange"},
+    {"hat": "purple", "background": "red"},
+    {},
+)
+
+
+def sample_prompts() -> list[str]:
+    return [world.make_caption(a) for a in SAMPLE_ATTRIBUTES]
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "smoke"):
+        raise ValueError(f"configs/base_tiny.py: unknown argument {arg!r}; use '' or 'smoke'")
+    smoke = arg == "smoke"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.resolution = 32
+    c.model.block_out_channels = (32, 64, 64)
+    c.model.layers_per_block = 1
+    c.model.attention_head_dim = 4
+    c.model.norm_num_groups = 32
+    c.model.text_hidden_size = 64
+    c.model.text_layers = 2
+    c.model.text_heads = 4
+    c.model.max_length = 32
+    c.model.beta_schedule = "squaredcos_cap_v2"
+    c.model.prediction_type = "v_prediction"
+    c.model.attention_backend = "auto"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synth"  # "synth" (tfds synth_identities) | "folders" (real photos, tfds identity_folders)
+    c.data.synth_config = "r32"  # synth_identities builder config
+    c.data.folder_root = ""  # folders: identity-folder root ("" = the LFW track, ../shared/data/lfw)
+    c.data.data_dir = ""  # tfds cache ("" = $METALORA_TFDS or ~/.cache/metalora/tfds)
+    c.data.split = "meta_train"
+    c.data.flip_prob = 0.5  # mirrored photos get mirrored pose/lighting captions
+    c.data.pad_fraction = 0.0
+    c.data.num_threads = 2
+
+    c.train = ml_collections.ConfigDict()
+    # Sized for the shared 2-core machine (see assets/base_tiny/README.md for the measured wall time).
+    c.train.steps = 600
+    c.train.batch_size = 16  # distinct identities per step, one photo each
+    c.train.cond_drop_prob = 0.1  # classifier-free guidance: caption → empty prompt
+    c.train.min_snr_gamma = 5.0
+    c.train.ema_decay = 0.995
+    c.train.log_every = 50
+    c.train.checkpoint_every = 100
+    c.train.sample_every = 300
+    c.train.stop_at = 0  # > 0: stop (with a checkpoint) after this step, as on preemption; rerun to resume
+    c.train.progress = True
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.total_steps = 0  # 0 = train.steps
+    c.optimizer.end_lr_ratio = 0.05
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 1.0
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompts = sample_prompts()
+    c.sample.seeds_per_prompt = 4
+    c.sample.num_inference_steps = 25
+    c.sample.guidance_scale = 3.0
+
+    c.export = ml_collections.ConfigDict()
+    c.export.weights_dtype = "float32"
+
+    if smoke:
+        c.model.block_out_channels = (32, 32)
+        c.model.attention_head_dim = 2
+        c.model.text_hidden_size = 32
+        c.model.text_layers = 1
+        c.model.text_heads = 2
+        c.data.synth_config = "smoke"
+        c.data.num_threads = 1
+        c.train.steps = 4
+        c.train.batch_size = 4
+        c.train.log_every = 2
+        c.train.checkpoint_every = 2
+        c.train.sample_every = 4
+        c.train.progress = False
+        c.optimizer.warmup_steps = 1
+        c.sample.prompts = sample_prompts()[:2]
+        c.sample.seeds_per_prompt = 2
+        c.sample.num_inference_steps = 2
+    return c

@@ -1,0 +1,171 @@
+"""Pretrain the base text-to-image model (UNet + small CLIP text encoder, jointly) on one track's meta_train split.
+
+    python -m experiments.pretrain_base --config configs/base_tiny.py --workdir runs/base_tiny [--config.key=value]
+
+Workdir: the train loop's layout (config.json, checkpoints/, tensorboard/, metrics.jsonl, samples/*.png) plus
+``base_model/`` (the final EMA weights as a pipeline folder, loadable by ``load_base_model``) and
+``results.json`` (wall time, steps/s, final loss). Rerunning the same command resumes exactly from the latest
+checkpoint; ``--config.train.stop_at=N`` stops after step N as a preemption would.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from metalora.config_utils import config_to_dict, run_cli
+from metalora.data import builders, episodes, folders
+from metalora.models import base_model as bm
+from metalora.train import (
+    TrainLoop,
+    TrainState,
+    create_train_state,
+    make_lr_schedule,
+    make_optimizer,
+    make_train_step,
+    sample_grid_hook,
+)
+from metalora.train.io import atomic_write_text
+
+__all__ = ["CaptionBatches", "build_model", "main", "make_data"]
+
+
+def build_model(config: ml_collections.ConfigDict) -> bm.BaseModel:
+    """The composite model the config describes (no weights)."""
+    m = config.model
+    tokenizer = bm.world_tokenizer(max_length=m.max_length)
+    unet = bm.tiny_unet_config(block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                               cross_attention_dim=m.text_hidden_size, attention_head_dim=m.attention_head_dim,
+                               norm_num_groups=m.norm_num_groups)
+    scheduler = bm.default_scheduler_config() | {"beta_schedule": m.beta_schedule, "prediction_type": m.prediction_type}
+    model_config = bm.BaseModelConfig.create(resolution=m.resolution, unet=unet, text_hidden_size=m.text_hidden_size,
+                                             text_layers=m.text_layers, text_heads=m.text_heads, tokenizer=tokenizer,
+                                             scheduler=scheduler)
+    return bm.BaseModel(model_config, attention_backend=m.attention_backend)
+
+
+class CaptionBatches:
+    """Checkpointable batches for pretraining: one photo of each of B distinct identities per step.
+
+    Wraps the data module's episode iterator (shots=1), whose state is the next step number, and tokenizes the
+    captions on the host: ``{"images": (B, H, W, 3) float32 in [-1, 1], "input_ids": (B, L) int32}``.
+    """
+
+    def __init__(self, episode_iterator: episodes.EpisodeIterator, tokenizer):
+        self._it = episode_iterator
+        self._tokenizer = tokenizer
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        ep = next(self._it)
+        captions = [str(c) for c in ep["captions"][:, 0]]
+        return {"images": ep["images"][:, 0], "input_ids": self._tokenizer.tokenize(captions)}
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: Mapping) -> None:
+        self._it.set_state(state)
+
+
+def _builder(data: ml_collections.ConfigDict, resolution: int):
+    data_dir = data.data_dir or None
+    if data.source == "synth":
+        builder = builders.synth_builder(data.synth_config, data_dir=data_dir)
+        if builder.builder_config.resolution != resolution:
+            raise ValueError(f"config.data.synth_config={data.synth_config!r} renders "
+                             f"{builder.builder_config.resolution} px but config.model.resolution={resolution}")
+        return builder
+    if data.source == "folders":
+        root = data.folder_root or folders.default_lfw_root()
+        return builders.folder_builder(builders.folder_config(root, resolution=resolution), data_dir=data_dir)
+    raise ValueError(f"config.data.source={data.source!r}; choose 'synth' or 'folders'")
+
+
+def make_data(config: ml_collections.ConfigDict, tokenizer) -> CaptionBatches:
+    """The pretraining batches of ``config.data`` (tfds data source + grain, deterministic in (seed, step))."""
+    data = config.data
+    sampler = episodes.make_sampler(
+        builders.prepare(_builder(data, config.model.resolution)), data.split,
+        identities_per_step=config.train.batch_size, shots=1, seed=config.seed,
+        augment=episodes.Augment(pad_fraction=data.pad_fraction, flip_prob=data.flip_prob),
+    )
+    return CaptionBatches(sampler.iterator(num_threads=data.num_threads), tokenizer)
+
+
+def _optimizer_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    opt = config_to_dict(config.optimizer)
+    opt["total_steps"] = opt["total_steps"] or config.train.steps
+    return opt
+
+
+def _sample_fn(model: bm.BaseModel, config: ml_collections.ConfigDict):
+    """Grid sampler for the fixed prompts: row = prompt, column = seed; uses the EMA weights when there are any."""
+    s = config.sample
+    prompts = [p for p in s.prompts for _ in range(s.seeds_per_prompt)]
+    ids = jnp.asarray(model.tokenize(prompts))
+    # The same noise for every grid of the run, so grids at different steps are comparable.
+    keys = jax.random.split(jax.random.key(config.seed + 1), len(prompts))
+
+    def fn(state: TrainState, step: int) -> np.ndarray:
+        del step
+        params = state.ema_params if state.ema_params is not None else state.params
+        return bm.sample_from_ids(model, params, ids, keys, num_inference_steps=s.num_inference_steps,
+                                  guidance_scale=s.guidance_scale)
+
+    return fn
+
+
+def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+    workdir = pathlib.Path(workdir)
+    model = build_model(config)
+    t = config.train
+    opt_config = _optimizer_config(config)
+    optimizer = make_optimizer(opt_config)
+    params = bm.init_base_params(model, jax.random.key(config.seed))
+    state = create_train_state(params, optimizer, ema=t.ema_decay > 0)
+    loss_fn = functools.partial(_loss, model, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None)
+    step_fn = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay or None,
+                              lr_schedule=make_lr_schedule(opt_config))
+    data = make_data(config, model.tokenizer)
+    hooks = [sample_grid_hook(_sample_fn(model, config), workdir / "samples", t.sample_every,
+                              nrow=config.sample.seeds_per_prompt)]
+    start = time.perf_counter()
+    with TrainLoop(workdir=workdir, step_fn=step_fn, state=state, data=data, total_steps=t.steps,
+                   key=jax.random.key(config.seed + 2), config=config, log_every=t.log_every,
+                   checkpoint_every=t.checkpoint_every, hooks=hooks, progress=t.progress) as loop:
+        first = int(loop.state.step)
+        state = loop.run(stop_at=t.stop_at or None)
+        metrics = dict(loop.last_metrics)
+    wall = time.perf_counter() - start
+    last = int(state.step)
+    results = {"start_step": first, "step": last, "total_steps": t.steps, "wall_time_s": wall,
+               "steps_per_s_incl_compile_and_sampling": (last - first) / wall if last > first else None,
+               "final_metrics": metrics, "finished": last == t.steps}
+    if last == t.steps:
+        final = state.ema_params if state.ema_params is not None else state.params
+        bm.save_base_model(workdir / "base_model", model, final, weights_dtype=config.export.weights_dtype,
+                           extra={"seed": config.seed, "steps": t.steps, "config": config_to_dict(config)})
+        results["base_model"] = str(workdir / "base_model")
+    atomic_write_text(workdir / "results.json", json.dumps(results, indent=2, default=float) + "\n")
+    return results
+
+
+def _loss(model, params, frozen, batch, key, *, cond_drop_prob, min_snr_gamma):
+    del frozen  # everything trains during base pretraining
+    return bm.base_loss(model, params, batch, key, cond_drop_prob=cond_drop_prob, min_snr_gamma=min_snr_gamma)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,425 @@
+"""The procedural world's text-to-image base model: the stand-in for Stable Diffusion.
+
+It is SD's recipe at toy scale, through the same code paths: our ``UNet2DConditionModel`` (a small config, pixel
+space 32×32×3 instead of VAE latents), a small CLIP text transformer (``metalora.models.clip``), a word-level
+tokenizer over the caption grammar with reserved identifier tokens (``sks`` ...), and a DDIM-compatible noise
+schedule. The text encoder is trained jointly with the UNet during base pretraining and frozen afterwards, as SD's
+CLIP is frozen under personalization.
+
+The model is split the JAX way:
+
+* ``BaseModel`` is the *static* half (graph definitions, tokenizer, schedule, resolution). It is hashable by
+  identity and used as a static jit argument; its ``unet_fn`` is created once so samplers compile once.
+* ``BaseParams = {"unet": nnx.State, "text_encoder": nnx.State}`` is the weights pytree.
+
+Pure functions on top: ``encode_text``, ``denoise``, ``base_loss`` (the pretraining loss, with caption dropout
+for classifier-free guidance) and ``sample`` / ``sample_from_ids`` (DDIM with CFG).
+
+On disk a base model is a diffusers-style pipeline folder, so our SD loaders read its parts::
+
+    model_index.json                    {"_class_name": "MetaloraBaseModel", "format": ..., "resolution": 32, ...}
+    unet/config.json                    diffusers UNet2DConditionModel config
+    unet/diffusion_pytorch_model.safetensors
+    text_encoder/config.json            transformers CLIPTextModel config
+    text_encoder/model.safetensors
+    tokenizer/word_tokenizer.json       ``WordTokenizer`` vocabulary (ids must not shift)
+    scheduler/scheduler_config.json     diffusers DDIMScheduler config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from metalora.data import world
+from metalora.diffusion import (
+    NoiseSchedule,
+    ddim_sample,
+    diffusion_loss,
+    initial_noise,
+    loss_weights,
+    per_example_mse,
+    training_inputs,
+)
+from metalora.models import convert
+from metalora.models.clip import CLIPTextConfig, CLIPTextModel, load_clip_text_model, small_clip_config
+from metalora.models.loading import load_unet
+from metalora.models.tokenizers import DEFAULT_RARE_TOKENS, WordTokenizer
+from metalora.models.unet import UNet2DConditionModel, UNetConfig
+from metalora.train.io import atomic_write_bytes, atomic_write_text
+
+__all__ = [
+    "BASE_FORMAT",
+    "DEFAULT_BASE_CHECKPOINT",
+    "BaseModel",
+    "BaseModelConfig",
+    "BaseParams",
+    "apply_unet",
+    "base_loss",
+    "denoise",
+    "encode_text",
+    "init_base_params",
+    "load_base_model",
+    "sample",
+    "sample_from_ids",
+    "save_base_model",
+    "tiny_unet_config",
+    "world_tokenizer",
+]
+
+BASE_FORMAT = "metalora.BaseModel/1"
+MODEL_INDEX = "model_index.json"
+TOKENIZER_FILE = "tokenizer/word_tokenizer.json"
+# The reproducible pretrained base kept in the repository (see its README for the command that made it).
+DEFAULT_BASE_CHECKPOINT = pathlib.Path(__file__).resolve().parents[2] / "assets" / "base_tiny"
+
+BaseParams = dict[str, Any]  # {"unet": nnx.State, "text_encoder": nnx.State}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def world_tokenizer(max_length: int = 32, rare_tokens: Sequence[str] = DEFAULT_RARE_TOKENS) -> WordTokenizer:
+    """Word tokenizer over every caption the world can write (its words plus the comma between phrases).
+
+    32 positions fit the longest caption (29 tokens with commas) plus BOS/EOS.
+    """
+    return WordTokenizer((*world.CAPTION_VOCABULARY, ","), max_length=max_length, rare_tokens=rare_tokens)
+
+
+def tiny_unet_config(
+    *,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    cross_attention_dim: int = 128,
+    attention_head_dim: int = 4,
+    in_channels: int = 3,
+    norm_num_groups: int = 32,
+) -> UNetConfig:
+    """SD's UNet at toy size for pixel-space images.
+
+    No attention at full resolution (the first block is a plain ``DownBlock2D``/``UpBlock2D``): at 32×32 that would
+    be 1024 tokens, while the lower levels (16×16 = 256, 8×8 = 64 tokens) and the mid block carry the cross-attention
+    to the prompt at a fraction of the cost. ``cross_attention_dim`` must equal the text encoder's width.
+    """
+    n = len(block_out_channels)
+    if n < 2:
+        raise ValueError(f"tiny_unet_config: block_out_channels needs >= 2 levels, got {tuple(block_out_channels)}")
+    config = UNetConfig(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+    )
+    config.validate()
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+    """Everything that defines the composite model (no weights). JSON round trip via ``to_dict``/``from_dict``."""
+
+    resolution: int
+    unet: UNetConfig
+    text_encoder: CLIPTextConfig
+    tokenizer: Mapping[str, Any]  # WordTokenizer.to_dict()
+    scheduler: Mapping[str, Any]  # NoiseSchedule.to_config()
+
+    def __post_init__(self):
+        if self.unet.per_block("cross_attention_dim")[0] != self.text_encoder.hidden_size:
+            raise ValueError(
+                f"BaseModelConfig: unet.cross_attention_dim={self.unet.cross_attention_dim} must equal the text "
+                f"encoder's hidden_size={self.text_encoder.hidden_size} (the UNet attends to its hidden states)"
+            )
+        if self.unet.in_channels != self.unet.out_channels:
+            raise ValueError("BaseModelConfig: a pixel-space UNet must have in_channels == out_channels")
+        factor = 2 ** (len(self.unet.block_out_channels) - 1)
+        if self.resolution % factor:
+            raise ValueError(f"BaseModelConfig: resolution={self.resolution} is not divisible by {factor}, the UNet's "
+                             "total downsampling")
+        vocab = len(self.tokenizer.get("tokens", ()))
+        if vocab and vocab != self.text_encoder.vocab_size:
+            raise ValueError(f"BaseModelConfig: tokenizer has {vocab} tokens but text_encoder.vocab_size="
+                             f"{self.text_encoder.vocab_size}")
+
+    @classmethod
+    def create(cls, *, resolution: int = 32, unet: UNetConfig | None = None, text_hidden_size: int = 128,
+               text_layers: int = 3, text_heads: int = 4, tokenizer: WordTokenizer | None = None,
+               scheduler: Mapping[str, Any] | None = None) -> BaseModelConfig:
+        """The small-world model: ``tiny_unet_config`` + ``small_clip_config`` sized to the tokenizer."""
+        tokenizer = tokenizer or world_tokenizer()
+        text = small_clip_config(tokenizer.vocab_size, tokenizer.max_length, hidden_size=text_hidden_size,
+                                 num_hidden_layers=text_layers, num_attention_heads=text_heads,
+                                 eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        unet = unet or tiny_unet_config(cross_attention_dim=text_hidden_size)
+        scheduler = dict(scheduler) if scheduler is not None else default_scheduler_config()
+        NoiseSchedule.from_config(scheduler)  # validate now, naming the bad field
+        return cls(resolution=resolution, unet=unet, text_encoder=text, tokenizer=tokenizer.to_dict(),
+                   scheduler=scheduler)
+
+
+def default_scheduler_config() -> dict[str, Any]:
+    """Cosine ᾱ (improved DDPM; the linear schedule wastes steps on nearly-clean 32 px images) with v-prediction,
+    which stays well conditioned at both ends of the schedule."""
+    return NoiseSchedule.create(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                                timestep_spacing="trailing", clip_sample=True).to_config()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The static half
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _build_unet(config: UNetConfig, key: jax.Array, attention_backend: str) -> UNet2DConditionModel:
+    return UNet2DConditionModel(config, rngs=nnx.Rngs(key), attention_backend=attention_backend)
+
+
+def _build_text(config: CLIPTextConfig, key: jax.Array) -> CLIPTextModel:
+    return CLIPTextModel(config, rngs=nnx.Rngs(key))
+
+
+class BaseModel:
+    """Graph definitions, tokenizer and schedule of a base model; weights are a separate ``BaseParams`` pytree.
+
+    Hashable by identity: pass it as a static argument to ``jax.jit`` (build it once per run).
+    """
+
+    def __init__(self, config: BaseModelConfig, *, attention_backend: str = "auto"):
+        self.config = config
+        self.resolution = int(config.resolution)
+        self.channels = int(config.unet.in_channels)
+        self.tokenizer = WordTokenizer.from_dict(dict(config.tokenizer))
+        self.schedule = NoiseSchedule.from_config(config.scheduler, source="BaseModelConfig.scheduler")
+        key = jax.random.key(0)
+        self.unet_def = nnx.graphdef(nnx.eval_shape(lambda: _build_unet(config.unet, key, attention_backend)))
+        self.text_def = nnx.graphdef(nnx.eval_shape(lambda: _build_text(config.text_encoder, key)))
+        self.attention_backend = attention_backend
+        # A sampler's model_fn is a static jit argument keyed by identity: make it once, here.
+        self.unet_fn = functools.partial(apply_unet, self.unet_def)
+        self.empty_ids = self.tokenizer.tokenize([""])[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.resolution, self.resolution, self.channels)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.tokenizer.tokenize(prompts)
+
+    def unet(self, params: BaseParams) -> UNet2DConditionModel:
+        """The UNet as an NNX module (e.g. to attach LoRA adapters to it)."""
+        return nnx.merge(self.unet_def, params["unet"])
+
+    def text_encoder(self, params: BaseParams) -> CLIPTextModel:
+        return nnx.merge(self.text_def, params["text_encoder"])
+
+    def __repr__(self) -> str:
+        u = self.config.unet
+        return (f"BaseModel(resolution={self.resolution}, unet.block_out_channels={u.block_out_channels}, "
+                f"text.hidden_size={self.config.text_encoder.hidden_size}, vocab={self.tokenizer.vocab_size})")
+
+
+def init_base_params(model: BaseModel, key: jax.Array) -> BaseParams:
+    """Fresh random weights (the initialisers of the UNet and CLIP modules)."""
+    k_unet, k_text = jax.random.split(key)
+    unet = _build_unet(model.config.unet, k_unet, model.attention_backend)
+    text = _build_text(model.config.text_encoder, k_text)
+    return {"unet": nnx.state(unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def apply_unet(unet_def: nnx.GraphDef, unet_params: Any, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
+    """The UNet's prediction for NHWC ``x`` at timesteps ``t`` given text hidden states ``context`` (a ModelFn once
+    ``unet_def`` is bound)."""
+    return nnx.merge(unet_def, unet_params)(x, t, context)
+
+
+def encode_text(model: BaseModel, text_params: Any, input_ids: jax.Array) -> jax.Array:
+    """(B, L, D) prompt embeddings: the CLIP tower's ``last_hidden_state``, as SD-1.x conditions its UNet."""
+    return nnx.merge(model.text_def, text_params)(jnp.asarray(input_ids, jnp.int32)).last_hidden_state
+
+
+def denoise(model: BaseModel, params: BaseParams, x_t: jax.Array, t: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """Prediction (per the schedule's ``prediction_type``) for noisy images and token ids, text encoded inside."""
+    return apply_unet(model.unet_def, params["unet"], x_t, t, encode_text(model, params["text_encoder"], input_ids))
+
+
+def drop_captions(model: BaseModel, key: jax.Array, input_ids: jax.Array, prob: float) -> tuple[jax.Array, jax.Array]:
+    """Replace each caption by the empty prompt with probability ``prob`` (classifier-free guidance training);
+    returns (ids, dropped mask)."""
+    dropped = jax.random.bernoulli(key, prob, (input_ids.shape[0],))
+    return jnp.where(dropped[:, None], jnp.asarray(model.empty_ids)[None], input_ids), dropped
+
+
+def base_loss(
+    model: BaseModel,
+    params: BaseParams,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    *,
+    cond_drop_prob: float = 0.1,
+    min_snr_gamma: float | None = 5.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Pretraining loss of the composite: text encoder and UNet both differentiated.
+
+    ``batch``: ``images`` (B, H, W, C) float in [-1, 1] and ``input_ids`` (B, L) int. Returns the min-SNR-γ weighted
+    loss and ``{"mse": unweighted MSE}``.
+    """
+    images = jnp.asarray(batch["images"], jnp.float32)
+    if images.shape[1:] != model.sample_shape:
+        raise ValueError(f"base_loss: images have shape {images.shape[1:]} per example, the model draws "
+                         f"{model.sample_shape}")
+    k_drop, k_noise = jax.random.split(key)
+    input_ids, _ = drop_captions(model, k_drop, jnp.asarray(batch["input_ids"], jnp.int32), cond_drop_prob)
+    x_t, t, target = training_inputs(model.schedule, k_noise, images)
+    pred = denoise(model, params, x_t, t, input_ids)
+    loss = diffusion_loss(pred, target, loss_weights(model.schedule, t, min_snr_gamma))
+    return loss, {"mse": jnp.mean(per_example_mse(pred, target))}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_inference_steps"))
+def sample_from_ids(
+    model: BaseModel,
+    params: BaseParams,
+    input_ids: jax.Array,
+    keys: jax.Array,
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float | jax.Array = 3.0,
+    eta: float | jax.Array = 0.0,
+) -> jax.Array:
+    """DDIM with classifier-free guidance; one image per row of ``input_ids`` (B, L) and key in ``keys`` (B,).
+
+    Returns images (B, H, W, C) in [0, 1]. Image b depends only on (prompt b, key b), so adding prompts to a batch
+    does not change the other images.
+    """
+    cond = encode_text(model, params["text_encoder"], input_ids)
+    empty = jnp.broadcast_to(jnp.asarray(model.empty_ids)[None], input_ids.shape)
+    uncond = encode_text(model, params["text_encoder"], empty)
+    noise = initial_noise(keys, model.sample_shape)
+    x0 = ddim_sample(model.unet_fn, params["unet"], model.schedule, noise, cond, uncond,
+                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, keys=keys)
+    return jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
+
+
+def sample(
+    model: BaseModel,
+    params: BaseParams,
+    prompts: Sequence[str],
+    keys: jax.Array,
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 3.0,
+    eta: float = 0.0,
+) -> np.ndarray:
+    """Images (B, H, W, C) float32 in [0, 1] for ``prompts``, one key per prompt (``jax.random.split(key, B)``)."""
+    if len(prompts) != keys.shape[0]:
+        raise ValueError(f"sample: {len(prompts)} prompts but {keys.shape[0]} keys; pass one key per prompt")
+    ids = jnp.asarray(model.tokenize(prompts))
+    out = sample_from_ids(model, params, ids, keys, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, eta=eta)
+    return np.asarray(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: a diffusers-style pipeline folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _save_safetensors(path: pathlib.Path, tensors: Mapping[str, np.ndarray], dtype: str) -> None:
+    from safetensors.numpy import save
+
+    data = save({k: np.asarray(v).astype(dtype) for k, v in tensors.items()}, metadata={"format": "pt"})
+    atomic_write_bytes(path, data)
+
+
+def save_base_model(
+    path: str | pathlib.Path,
+    model: BaseModel,
+    params: BaseParams,
+    *,
+    weights_dtype: str = "float32",
+    extra: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+    """Write the model as a pipeline folder (layout in the module docstring); every file is written atomically.
+
+    ``weights_dtype="float16"`` halves the files (SD checkpoints are commonly shipped so); loading casts back to
+    float32. ``extra`` (JSON-able: training command, seed, metrics...) is recorded in ``model_index.json``.
+    """
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"save_base_model: weights_dtype={weights_dtype!r}; choose 'float32' or 'float16'")
+    path = pathlib.Path(path)
+    cfg = model.config
+    unet_cfg = {"_class_name": "UNet2DConditionModel", **cfg.unet.to_diffusers(), "sample_size": cfg.resolution}
+    text_cfg = {**cfg.text_encoder.to_dict(), "architectures": ["CLIPTextModel"]}
+    atomic_write_text(path / "unet" / "config.json", json.dumps(unet_cfg, indent=2) + "\n")
+    _save_safetensors(path / "unet" / "diffusion_pytorch_model.safetensors",
+                      convert.export_torch_state(model.unet(params)), weights_dtype)
+    atomic_write_text(path / "text_encoder" / "config.json", json.dumps(text_cfg, indent=2) + "\n")
+    _save_safetensors(path / "text_encoder" / "model.safetensors",
+                      convert.export_torch_state(model.text_encoder(params)), weights_dtype)
+    atomic_write_text(path / TOKENIZER_FILE, json.dumps(dict(cfg.tokenizer), indent=1) + "\n")
+    atomic_write_text(path / "scheduler" / "scheduler_config.json", json.dumps(dict(cfg.scheduler), indent=2) + "\n")
+    index = {"_class_name": "MetaloraBaseModel", "format": BASE_FORMAT, "resolution": cfg.resolution,
+             "unet": ["metalora", "UNet2DConditionModel"], "text_encoder": ["metalora", "CLIPTextModel"],
+             "tokenizer": ["metalora", "WordTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "weights_dtype": weights_dtype,
+             **({"extra": dict(extra)} if extra else {})}
+    atomic_write_text(path / MODEL_INDEX, json.dumps(index, indent=2) + "\n")  # last: marks the folder complete
+    return path
+
+
+def read_model_index(path: str | pathlib.Path) -> dict[str, Any]:
+    """``model_index.json`` of a base-model folder, checked to be ours."""
+    path = pathlib.Path(path)
+    index_path = path / MODEL_INDEX
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{path} is not a base-model folder: {index_path} is missing")
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index_path}: not valid JSON ({e})") from None
+    if index.get("format") != BASE_FORMAT:
+        raise ValueError(f"{index_path}: format={index.get('format')!r}, expected {BASE_FORMAT!r} (a diffusers "
+                         f"_class_name={index.get('_class_name')!r} folder is not a metalora base model)")
+    return index
+
+
+def load_base_model(
+    path: str | pathlib.Path | None = None, *, attention_backend: str = "auto"
+) -> tuple[BaseModel, BaseParams]:
+    """Load ``(model, params)`` from a folder written by ``save_base_model`` (default: the pretrained
+    ``assets/base_tiny`` kept in the repository). Only safetensors and JSON are read."""
+    path = pathlib.Path(path) if path is not None else DEFAULT_BASE_CHECKPOINT
+    index = read_model_index(path)
+    unet_cfg = UNetConfig.from_diffusers(convert.load_config(path / "unet"))
+    text_cfg = CLIPTextConfig.from_dict(convert.load_config(path / "text_encoder"))
+    tok_path = path / TOKENIZER_FILE
+    tokenizer = WordTokenizer.load(tok_path)
+    scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    config = BaseModelConfig(resolution=int(index["resolution"]), unet=unet_cfg, text_encoder=text_cfg,
+                             tokenizer=tokenizer.to_dict(), scheduler=scheduler)
+    model = BaseModel(config, attention_backend=attention_backend)
+    unet = load_unet(path / "unet", attention_backend=attention_backend)
+    text = load_clip_text_model(path / "text_encoder", with_projection=False)
+    return model, {"unet": nnx.state(unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param)}
