@@ -1,7 +1,9 @@
 """Stable Diffusion / SDXL pipelines from a diffusers folder: prompt encoding and 10-step DDIM sampling with CFG
 against diffusers' own pipelines (torch, f32) on tiny random models, plus model_index.json errors."""
 
+import dataclasses
 import json
+import logging
 import pathlib
 import shutil
 import string
@@ -20,7 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from metalora.diffusion import samplers
+from metalora.diffusion import NoiseSchedule, samplers
 from metalora.models.pipeline import PipelineConfigError, load_pipeline, per_image_keys, read_model_index, to_uint8
 from metalora.models.vae import latent_cache
 
@@ -115,10 +117,25 @@ def build_sdxl(folder: pathlib.Path, **options) -> StableDiffusionXLPipeline:
     return pipe.to(torch.float32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The reference pipelines are tiny: single-threaded torch avoids oversubscribing a busy CPU (10× faster)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def sd_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd") / "pipeline"
-    return build_sd(folder), load_pipeline(folder)
+    return folder, build_sd(folder)
+
+
+@pytest.fixture(scope="module")
+def sd(sd_folder):
+    folder, reference = sd_folder
+    return reference, load_pipeline(folder)
 
 
 @pytest.fixture(scope="module")
@@ -206,11 +223,15 @@ def test_sd_sampling_matches_diffusers(sd):
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
 
 
-def test_sd_v_prediction_clip_skip_negative_and_no_guidance_match_diffusers(tmp_path):
+def test_sd_v_prediction_clip_skip_negative_and_no_guidance_match_diffusers(sd):
     """SD-2.x-like options: v-prediction, trailing spacing, clip_skip, negative prompts; and guidance ≤ 1
-    (diffusers then runs the conditional branch only)."""
-    reference = build_sd(tmp_path / "sd2", prediction_type="v_prediction", timestep_spacing="trailing")
-    ours = load_pipeline(tmp_path / "sd2")
+    (diffusers then runs the conditional branch only). Same weights, another scheduler on both sides."""
+    reference, ours = sd
+    schedule = {**SCHEDULE, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+    reference = StableDiffusionPipeline(**{**reference.components, "scheduler": DDIMScheduler(**schedule)},
+                                        requires_safety_checker=False)
+    ours = dataclasses.replace(ours, schedule=NoiseSchedule.from_config(reference.scheduler.config))
+    assert ours.schedule.prediction_type == "v_prediction"
     latents = _torch_latents(2, seed=1)
     for kwargs in (dict(guidance_scale=5.0, clip_skip=1, negative_prompt=NEGATIVE), dict(guidance_scale=1.0)):
         with torch.no_grad():
@@ -252,36 +273,35 @@ def test_sdxl_zeroed_negative_sampling_matches_diffusers(sdxl):
 
 
 def test_seeds_are_per_image_and_sampler_compiles_once(sd):
+    """Everything here has the parity test's shapes (2 images, 10 steps), so it reuses one compiled sampler."""
     _, ours = sd
-    before = samplers._ddim_loop._cache_size()
-    pair = ours.sample(PROMPTS, num_inference_steps=3, seed=7, num_images_per_prompt=2)
-    assert pair.shape == (4, 32, 32, 3)
-    # Same shapes, new seed and guidance scale: the compiled sampler is reused (model_fn is built once).
-    other = ours.sample(PROMPTS, num_inference_steps=3, seed=8, num_images_per_prompt=2, guidance_scale=3.0)
-    assert samplers._ddim_loop._cache_size() == before + 1
+    pair = ours.sample(PROMPTS, num_inference_steps=10, seed=7)
+    compiled = samplers._ddim_loop._cache_size()
+    # New seed, guidance scale and weights: the compiled sampler is reused (model_fn is built once).
+    other = ours.sample(PROMPTS, num_inference_steps=10, seed=8, guidance_scale=3.0)
     assert np.abs(pair - other).max() > 1e-2
-    # Prompt-major order, image i from fold_in(key(seed), i): the first image does not depend on the batch.
-    alone = ours.sample(PROMPTS[:1], num_inference_steps=3, seed=7)
-    np.testing.assert_allclose(alone[0], pair[0], atol=1e-5)
-    assert np.abs(pair[0] - pair[1]).max() > 1e-2  # two seeds of one prompt differ
-    keys = per_image_keys(7, 4)
-    np.testing.assert_array_equal(ours.sample(PROMPTS, num_inference_steps=3, keys=keys, num_images_per_prompt=2),
-                                  pair)
-
-
-def test_latents_output_decode_and_unet_params(sd):
-    _, ours = sd
-    z = ours.sample(PROMPTS[:1], num_inference_steps=2, output="latents")
-    assert z.shape == (1, 16, 16, 4)
-    np.testing.assert_allclose(ours.decode(z), ours.sample(PROMPTS[:1], num_inference_steps=2), atol=1e-6)
-    # Other weights of the same structure go through the same model_fn.
+    # Prompt-major order, image i drawn from fold_in(key(seed), i): image 0 does not depend on the rest of the batch.
+    same_prompt = ours.sample(PROMPTS[:1], num_inference_steps=10, seed=7, num_images_per_prompt=2)
+    np.testing.assert_allclose(same_prompt[0], pair[0], atol=1e-5)
+    assert np.abs(same_prompt[0] - same_prompt[1]).max() > 1e-2  # two seeds of one prompt differ
+    np.testing.assert_array_equal(ours.sample(PROMPTS, num_inference_steps=10, keys=per_image_keys(7, 2)), pair)
+    z = ours.sample(PROMPTS, num_inference_steps=10, seed=7, output="latents")
+    assert z.shape == (2, 16, 16, 4)
+    np.testing.assert_allclose(ours.decode(z), pair, atol=1e-6)
     zeroed = jax.tree.map(jnp.zeros_like, ours.unet_params())
-    with_zero_unet = ours.sample(PROMPTS[:1], num_inference_steps=2, output="latents", unet_params=zeroed)
+    with_zero_unet = ours.sample(PROMPTS, num_inference_steps=10, seed=7, output="latents", unet_params=zeroed)
     assert np.abs(with_zero_unet - z).max() > 1e-2
+    assert samplers._ddim_loop._cache_size() == compiled
+
+
+def test_sample_argument_errors(sd):
+    _, ours = sd
     with pytest.raises(ValueError, match="NHWC"):
         ours.sample(PROMPTS, latents=np.zeros((2, 4, 16, 16), np.float32))
     with pytest.raises(ValueError, match="multiples of the VAE factor 2"):
         ours.sample(PROMPTS, height=33)
+    with pytest.raises(ValueError, match="keys has 3 rows but 2 images"):
+        ours.sample(PROMPTS, keys=per_image_keys(0, 3))
 
 
 def test_to_uint8_rounds_like_diffusers():
@@ -315,13 +335,6 @@ def _index_folder(tmp_path, source: pathlib.Path, **changes) -> pathlib.Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("index") / "pipeline"
-    build_sd(folder)
-    return folder
-
-
 @pytest.mark.parametrize("changes, message", [
     (dict(unet=["diffusers", "UNet2DModel"]), r"component 'unet' has class 'UNet2DModel'"),
     (dict(vae=["diffusers", "AutoencoderTiny"]), r"component 'vae' has class 'AutoencoderTiny'"),
@@ -332,28 +345,26 @@ def sd_folder(tmp_path_factory):
     (dict(vae=[None, None]), r"needs components \['vae'\]"),
 ])
 def test_bad_model_index_names_component_and_class(tmp_path, sd_folder, changes, message):
-    folder = _index_folder(tmp_path, sd_folder, **changes)
+    folder = _index_folder(tmp_path, sd_folder[0], **changes)
     with pytest.raises(PipelineConfigError, match=message):
         load_pipeline(folder)
 
 
-def test_safety_checker_is_skipped_with_a_note(tmp_path, sd_folder):
-    folder = tmp_path / "with_checker"
-    shutil.copytree(sd_folder, folder)
-    _index_folder(tmp_path, sd_folder, safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
-                  feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
-    shutil.copy(tmp_path / "edited" / "model_index.json", folder / "model_index.json")
-    pipeline_class, components, options, skipped = read_model_index(folder)
+def test_safety_checker_is_skipped_with_a_note(tmp_path, sd_folder, caplog):
+    folder = _index_folder(tmp_path, sd_folder[0], safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                           feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    with caplog.at_level(logging.INFO, logger="metalora.models.pipeline"):
+        pipeline_class, components, options, skipped = read_model_index(folder)
     assert pipeline_class == "StableDiffusionPipeline" and options["requires_safety_checker"] is True
     assert set(skipped) == {"feature_extractor", "safety_checker"}
+    assert "skipping component 'safety_checker' (StableDiffusionSafetyChecker)" in caplog.text
     assert components == {"scheduler": "DDIMScheduler", "text_encoder": "CLIPTextModel",
                           "tokenizer": "CLIPTokenizer", "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
-    assert set(load_pipeline(folder).skipped_components) == {"feature_extractor", "safety_checker"}
 
 
 def test_component_shape_contracts_are_checked(tmp_path, sd_folder):
     folder = tmp_path / "mismatch"
-    shutil.copytree(sd_folder, folder)
+    shutil.copytree(sd_folder[0], folder)
     config_path = folder / "tokenizer" / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["model_max_length"] = 2 * MAX_LENGTH  # longer than the encoder's position table
