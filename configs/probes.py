@@ -46,12 +46,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.identity.warmup_steps = 50
     c.identity.weight_decay = 5e-4
     c.identity.loss = "cosface"
-    c.identity.scale = 30.0
-    c.identity.margin = 0.35
+    # s=16, m=0.2 rather than face recognition's usual s=30, m=0.35: with ~10 photos per identity and a few
+    # epochs, the larger margin keeps the loss on a plateau (measured: loss 17.5 after 150 steps, no progress).
+    c.identity.scale = 16.0
+    c.identity.margin = 0.2
     c.identity.pad = 2
-    c.identity.flip_prob = 0.5
-    c.identity.brightness = 0.1
-    c.identity.channel_gain = 0.05
+    # No flips or colour jitter by default: mirroring moves moles and the hair parting (identity traits), and
+    # skin/hair/eye colour *are* identity traits in this world, while backgrounds, accessories and lighting
+    # already vary between the photos of every identity, so the margin loss itself teaches invariance to them.
+    c.identity.flip_prob = 0.0
+    c.identity.brightness = 0.0
+    c.identity.channel_gain = 0.0
     c.identity.log_every = 50
 
     c.attributes = ml_collections.ConfigDict()

@@ -247,9 +247,12 @@ def _batched(model: nnx.Module, images, method: str = "__call__", batch_size: in
     graphdef, state = nnx.split(model)
     n = len(images)
     outs = []
-    for start in range(0, n, batch_size):
-        chunk = images[start : start + batch_size]
-        pad = batch_size - len(chunk) if n > batch_size else 0  # pad the tail so every call has one shape
+    # Pad every call to one of few shapes (batch_size, or the next power of two for small inputs), so a benchmark
+    # calling with many different N compiles a handful of programs, not one per N.
+    size = min(batch_size, 1 << max(n - 1, 0).bit_length())
+    for start in range(0, n, size):
+        chunk = images[start : start + size]
+        pad = size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
         out = np.asarray(_apply(graphdef, state, jnp.asarray(chunk), method))
@@ -529,7 +532,7 @@ class Probes:
 
 
 def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
     return {".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in leaves}
 
 
@@ -537,7 +540,7 @@ def _load_params(cls, net: NetConfig, path: pathlib.Path):
     """Build ``cls(net)`` abstractly and fill every parameter from the safetensors file, checking names/shapes."""
     abstract = nnx.eval_shape(lambda: cls(net, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     paths, treedef = jax.tree_util.tree_flatten_with_path(pure)
     try:
         tensors = safetensors_load(path.read_bytes())
