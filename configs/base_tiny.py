@@ -37,14 +37,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.resolution = 32
-    c.model.block_out_channels = (32, 64, 64)
+    c.model.block_out_channels = (32, 32, 64)
     c.model.layers_per_block = 1
     c.model.attention_head_dim = 4
-    c.model.norm_num_groups = 32
+    c.model.norm_num_groups = 8
     c.model.text_hidden_size = 64
     c.model.text_layers = 2
     c.model.text_heads = 4
-    c.model.max_length = 32
+    c.model.max_length = 0  # 0 = the longest caption of the world + BOS/EOS
     c.model.beta_schedule = "squaredcos_cap_v2"
     c.model.prediction_type = "v_prediction"
     c.model.attention_backend = "auto"
@@ -61,20 +61,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     # Sized for the shared 2-core machine (see assets/base_tiny/README.md for the measured wall time).
-    c.train.steps = 600
+    c.train.steps = 400
     c.train.batch_size = 16  # distinct identities per step, one photo each
     c.train.cond_drop_prob = 0.1  # classifier-free guidance: caption → empty prompt
     c.train.min_snr_gamma = 5.0
-    c.train.ema_decay = 0.995
+    c.train.ema_decay = 0.99  # a ~100-step horizon for a few-hundred-step run
     c.train.log_every = 50
     c.train.checkpoint_every = 100
-    c.train.sample_every = 300
+    c.train.sample_every = 200  # 0 = no sample grids
     c.train.stop_at = 0  # > 0: stop (with a checkpoint) after this step, as on preemption; rerun to resume
     c.train.progress = True
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 50
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 20
     c.optimizer.total_steps = 0  # 0 = train.steps
     c.optimizer.end_lr_ratio = 0.05
     c.optimizer.weight_decay = 0.0

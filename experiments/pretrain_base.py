@@ -42,7 +42,7 @@ __all__ = ["CaptionBatches", "build_model", "main", "make_data"]
 def build_model(config: ml_collections.ConfigDict) -> bm.BaseModel:
     """The composite model the config describes (no weights)."""
     m = config.model
-    tokenizer = bm.world_tokenizer(max_length=m.max_length)
+    tokenizer = bm.world_tokenizer(max_length=m.max_length or None)
     unet = bm.tiny_unet_config(block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
                                cross_attention_dim=m.text_hidden_size, attention_head_dim=m.attention_head_dim,
                                norm_num_groups=m.norm_num_groups)
@@ -139,8 +139,10 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     step_fn = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay or None,
                               lr_schedule=make_lr_schedule(opt_config))
     data = make_data(config, model.tokenizer)
-    hooks = [sample_grid_hook(_sample_fn(model, config), workdir / "samples", t.sample_every,
-                              nrow=config.sample.seeds_per_prompt)]
+    hooks = []
+    if t.sample_every > 0:  # 0: no sample grids (e.g. in tests)
+        hooks.append(sample_grid_hook(_sample_fn(model, config), workdir / "samples", t.sample_every,
+                                      nrow=config.sample.seeds_per_prompt))
     start = time.perf_counter()
     with TrainLoop(workdir=workdir, step_fn=step_fn, state=state, data=data, total_steps=t.steps,
                    key=jax.random.key(config.seed + 2), config=config, log_every=t.log_every,

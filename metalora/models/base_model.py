@@ -90,12 +90,30 @@ BaseParams = dict[str, Any]  # {"unet": nnx.State, "text_encoder": nnx.State}
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def world_tokenizer(max_length: int = 32, rare_tokens: Sequence[str] = DEFAULT_RARE_TOKENS) -> WordTokenizer:
+# The caption grammar's words plus the comma between its phrases (a token of its own).
+WORLD_VOCABULARY = (*world.CAPTION_VOCABULARY, ",")
+
+
+@functools.cache
+def longest_world_caption() -> int:
+    """Tokens (words and commas) of the longest caption ``world.make_caption`` can write, over every attribute
+    combination (about 12k); the identifier form ``sks person`` has as many tokens as ``a person``."""
+    import itertools
+
+    unbounded = WordTokenizer(WORLD_VOCABULARY, max_length=1024)
+    names = list(world.ATTRIBUTE_CLASSES)
+    return max(len(unbounded.encode(world.make_caption(dict(zip(names, combo))))) - 2  # minus BOS/EOS
+               for combo in itertools.product(*world.ATTRIBUTE_CLASSES.values()))
+
+
+def world_tokenizer(max_length: int | None = None, rare_tokens: Sequence[str] = DEFAULT_RARE_TOKENS) -> WordTokenizer:
     """Word tokenizer over every caption the world can write (its words plus the comma between phrases).
 
-    32 positions fit the longest caption (29 tokens with commas) plus BOS/EOS.
+    ``max_length=None``: the longest caption plus BOS/EOS, so no caption is ever cut or refused.
     """
-    return WordTokenizer((*world.CAPTION_VOCABULARY, ","), max_length=max_length, rare_tokens=rare_tokens)
+    if max_length is None:
+        max_length = longest_world_caption() + 2
+    return WordTokenizer(WORLD_VOCABULARY, max_length=max_length, rare_tokens=rare_tokens)
 
 
 def tiny_unet_config(
