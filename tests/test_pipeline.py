@@ -24,7 +24,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from metalora.diffusion import NoiseSchedule, samplers
 from metalora.models.pipeline import PipelineConfigError, load_pipeline, per_image_keys, read_model_index, to_uint8
-from metalora.models.vae import latent_cache
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 16
@@ -310,15 +309,23 @@ def test_to_uint8_rounds_like_diffusers():
     assert to_uint8(images).dtype == np.uint8
 
 
-def test_latent_cache_on_the_pipeline_vae_matches_diffusers(sd):
-    """Training data goes through vae.latent_cache on the pipeline's VAE: posterior mean × scaling_factor."""
-    reference, ours = sd
-    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+def test_cache_training_inputs_match_diffusers(sdxl):
+    """Latents (posterior mean × scaling_factor) and text conditioning, precomputed in padded batches."""
+    reference, ours = sdxl
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 24, 3), dtype=np.uint8)
+    captions = [*PROMPTS, "sks"]
+    cache = ours.cache_training_inputs(images, captions, batch_size=2)
     with torch.no_grad():
         x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
-        want = reference.vae.encode(x).latent_dist.mean * reference.vae.config.scaling_factor
-    got = latent_cache(ours.vae, images, batch_size=2)
-    np.testing.assert_allclose(got, _nhwc(want), atol=1e-4, rtol=0)
+        latents = reference.vae.encode(x).latent_dist.mean * reference.vae.config.scaling_factor
+        hidden, _, pooled, _ = reference.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+    assert sorted(cache) == ["encoder_hidden_states", "latents", "text_embeds", "time_ids"]
+    np.testing.assert_allclose(cache["latents"], _nhwc(latents), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cache["encoder_hidden_states"], _np(hidden), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(cache["text_embeds"], _np(pooled), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(cache["time_ids"], [[32, 24, 0, 0, 32, 24]] * 3)
+    with pytest.raises(ValueError, match="3 images but 2 captions"):
+        ours.cache_training_inputs(images, PROMPTS)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from metalora.models.clip import CLIPTextModel, CLIPTextModelWithProjection, loa
 from metalora.models.loading import load_unet
 from metalora.models.tokenizers import HFCLIPTokenizer
 from metalora.models.unet import UNet2DConditionModel
-from metalora.models.vae import AutoencoderKL, load_vae, unscale_latents
+from metalora.models.vae import AutoencoderKL, latent_cache, load_vae, unscale_latents
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +300,10 @@ class Pipeline:
         guidance = float(guidance_scale) > 1.0  # diffusers' do_classifier_free_guidance
         cond, uncond = self.encode_prompt(prompts, negative_prompts, guidance=guidance, clip_skip=clip_skip)
         if self.is_xl:
+            # float32 whatever the compute dtype: bfloat16 cannot hold sizes like 1016 exactly.
             ids = self.time_ids(len(prompts), original_size=tuple(original_size or (height, width)),
                                 target_size=tuple(target_size or (height, width)),
-                                crops_coords_top_left=tuple(crops_coords_top_left),
-                                dtype=cond["encoder_hidden_states"].dtype)
+                                crops_coords_top_left=tuple(crops_coords_top_left))
             cond = {**cond, "time_ids": ids}
             uncond = None if uncond is None else {**uncond, "time_ids": ids}
         cond = repeat_for_seeds(cond, num_images_per_prompt)
@@ -327,6 +327,33 @@ class Pipeline:
         if output == "latents":
             return np.asarray(x0)
         return self.decode(x0)
+
+    def cache_training_inputs(self, images: np.ndarray, captions: Sequence[str], *, key: jax.Array | None = None,
+                              batch_size: int = 16) -> dict[str, np.ndarray]:
+        """Everything a train step needs besides the UNet, computed once (``vae.latent_cache`` + ``encode_prompt``).
+
+        Args:
+          images: (N, H, W, 3) uint8, or float in [-1, 1].
+          captions: N strings.
+          key: sample each latent from the VAE posterior (one ``fold_in`` per image) instead of taking its mean.
+
+        Returns:
+          float32 numpy arrays with leading axis N: ``latents`` (scaled, NHWC) and the cond dict's entries
+          (``encoder_hidden_states``; for SDXL also ``text_embeds`` and ``time_ids`` = full image, no crop).
+        """
+        captions = _as_list(captions, "captions")
+        if len(captions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        out = {"latents": latent_cache(self.vae, images, key=key, batch_size=batch_size)}
+        padded = captions + [""] * (-len(captions) % batch_size)  # one batch shape, one compile
+        chunks = [self.encode_prompt(padded[i:i + batch_size], guidance=False)[0]
+                  for i in range(0, len(padded), batch_size)]
+        for name in chunks[0]:
+            out[name] = np.concatenate([np.asarray(c[name], np.float32) for c in chunks])[:len(captions)]
+        if self.is_xl:
+            size = tuple(np.shape(images)[1:3])
+            out["time_ids"] = np.asarray(self.time_ids(len(captions), original_size=size, target_size=size))
+        return out
 
     def with_unet(self, unet: UNet2DConditionModel) -> Pipeline:
         """The same pipeline around another UNet (e.g. one with LoRA adapters); builds a new ``model_fn``."""
