@@ -6,6 +6,11 @@
 
 The trained probes are written to the workdir and, with ``publish=True``, also to ``$METALORA_PROBES/<name>``
 (default ``~/.cache/metalora/probes/r<resolution>``), where ``load_probes("r32")`` finds them.
+
+Measured with this default (seed 0, 2 shared CPU cores at load average 8-14, so wall times are inflated):
+test-identity verification 82.7% (threshold from meta_val), ROC AUC 0.893; attribute accuracy on test images:
+background 100%, lighting 98.2%, hat 97.2%, glasses 88.2%, pose 78.0%, expression 41.4% (undertrained: raise
+attributes.steps); wall time 574 s identity + 251 s attributes (+244 s first-time rendering, then cached).
 """
 
 import ml_collections
