@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from metalora.diffusion import NoiseSchedule
@@ -131,9 +130,14 @@ def _place(tree, shardings):
     return jax.tree.map(one, tree, shardings)
 
 
-def _gather(tree):
-    """Host copies of (possibly non-fully-addressable) global arrays, on every process."""
-    return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+def _gather(tree, mesh):
+    """Host copies of (possibly non-fully-addressable) global arrays, on every process.
+
+    One jitted identity with replicated outputs gathers the whole tree in a single program (a per-leaf
+    ``process_allgather`` would compile and rendezvous once per leaf); replicated arrays are then read locally.
+    """
+    tree = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+    return jax.tree.map(np.asarray, tree)
 
 
 def run_meta_step(problem: str, algorithm: str, mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
@@ -170,9 +174,9 @@ def run_meta_step(problem: str, algorithm: str, mesh: jax.sharding.Mesh) -> dict
     new_state, metrics = step_fn(state, batch, key)
 
     head_spec = [leaf.sharding.spec for leaf in jax.tree.leaves(new_state.params.get("heads", {}))]
-    after = _gather(new_state.params)
-    out = {"loss": np.asarray(_gather(metrics["loss"])), "grad_norm": np.asarray(_gather(metrics["grad_norm"])),
-           "finite": np.asarray(_gather(metrics["finite"])), "num_devices": np.asarray(mesh.devices.size),
+    after, metrics = _gather((new_state.params, metrics), mesh)
+    out = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "finite": metrics["finite"],
+           "num_devices": np.asarray(mesh.devices.size),
            "head_specs_on_subject": np.asarray(all(s == PartitionSpec("subject") for s in head_spec))}
     for role in after:
         flat_after = jax.tree.leaves(after[role])

@@ -1,0 +1,1 @@
+"""Benchmarks: speed, scaling and full-scale compile checks (print Markdown tables, write JSON)."""
