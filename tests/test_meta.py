@@ -70,6 +70,20 @@ def test_many_subjects_in_one_call_equal_one_at_a_time():
             np.testing.assert_allclose(a, b[s], rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_adaptation_equals_one_run():
+    graphdef, base, meta, subject = tiny_lora()
+    heads = jax.tree.map(lambda a: a[0], subject)
+    key = jax.random.key(9)
+    whole = adapt(regression_loss, graphdef, base, meta, heads, shots(1), key, INNER)
+    half = dataclasses.replace(INNER, steps=INNER.steps // 2)
+    first = adapt(regression_loss, graphdef, base, meta, heads, shots(1), key, half)
+    second = adapt(regression_loss, graphdef, base, meta, first.heads, shots(1), key, half,
+                   opt_state=first.opt_state, start_step=half.steps)
+    np.testing.assert_array_equal(np.concatenate([first.losses, second.losses]), whole.losses)
+    for a, b in zip(jax.tree.leaves(second.heads), jax.tree.leaves(whole.heads), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def episode(count=3, k=3, q=2):
     support = jax.tree.map(lambda *xs: jnp.stack(xs), *(shots(s, k) for s in range(count)))
     query = jax.tree.map(lambda *xs: jnp.stack(xs), *(shots(s, q) for s in range(count)))

@@ -288,6 +288,24 @@ def folder_builder(config: FolderConfig, data_dir: pathlib.Path | str | None = N
     return IdentityFolders(config=config, data_dir=str(data_dir or default_data_dir()), file_format="array_record")
 
 
+def track_builder(source: str, *, resolution: int, synth_config: str = "r32", folder_root: str | None = None,
+                  data_dir: pathlib.Path | str | None = None) -> tfds.core.DatasetBuilder:
+    """The builder of one data track: ``"synth"`` (procedural world) or ``"folders"`` (real photos, default LFW).
+
+    Every job names its data with these fields (``config.data.*``), so they share one resolution check.
+    """
+    if source == "synth":
+        builder = synth_builder(synth_config, data_dir=data_dir)
+        if builder.builder_config.resolution != resolution:
+            raise ValueError(f"data synth_config={synth_config!r} renders {builder.builder_config.resolution} px "
+                             f"but the model draws {resolution} px")
+        return builder
+    if source == "folders":
+        root = folder_root or folders.default_lfw_root()
+        return folder_builder(folder_config(root, resolution=resolution), data_dir=data_dir)
+    raise ValueError(f"data source={source!r}; choose 'synth' or 'folders'")
+
+
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     """Generate the dataset unless it is already in the cache; returns the builder for chaining."""
     builder.download_and_prepare()

@@ -65,11 +65,13 @@ def inner_optimizer(config: InnerLoopConfig) -> optax.GradientTransformation:
 
 
 class AdaptResult(NamedTuple):
-    """Output of ``adapt``: the adapted heads (and ``D``, changed only with ``train_meta``) and per-step losses."""
+    """Output of ``adapt``: adapted heads (and ``D``, changed only with ``train_meta``), per-step losses, and the
+    inner optimiser state (pass it back with ``start_step`` to continue: chunked adaptation equals one long run)."""
 
     heads: nnx.State
     meta: nnx.State
     losses: jax.Array
+    opt_state: Any
 
 
 def sample_minibatch(shots: Mapping[str, jax.Array], key: jax.Array, config: InnerLoopConfig) -> dict[str, jax.Array]:
@@ -102,11 +104,14 @@ def _random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Arra
 
 
 def adapt(example_loss: ExampleLoss, graphdef: nnx.GraphDef, base: nnx.State, meta: nnx.State, heads: nnx.State,
-          shots: Mapping[str, jax.Array], key: jax.Array, config: InnerLoopConfig) -> AdaptResult:
+          shots: Mapping[str, jax.Array], key: jax.Array, config: InnerLoopConfig, *, opt_state: Any = None,
+          start_step: int | jax.Array = 0) -> AdaptResult:
     """Adapts one subject: ``config.steps`` optimiser steps on ``heads`` (and ``meta`` if ``train_meta``).
 
     ``heads`` is one subject's factors (no subject axis). Step ``i`` draws its minibatch and noise from
-    ``fold_in(key, i)``. Returns the adapted factors and the loss before each step.
+    ``fold_in(key, i)``; ``opt_state``/``start_step`` continue an earlier call, so adaptation can be run in
+    chunks (e.g. to evaluate at several step counts) with the same result as one call. Returns the adapted
+    factors, the loss before each step and the optimiser state.
     """
     optimizer = inner_optimizer(config)
     params = {"heads": heads, "meta": meta} if config.train_meta else {"heads": heads}
@@ -116,14 +121,15 @@ def adapt(example_loss: ExampleLoss, graphdef: nnx.GraphDef, base: nnx.State, me
         return example_loss(model, batch, k)
 
     def step(carry, i):
-        p, opt_state = carry
+        p, state = carry
         k_batch, k_loss = jax.random.split(jax.random.fold_in(key, i))
         loss, grads = jax.value_and_grad(loss_of)(p, sample_minibatch(shots, k_batch, config), k_loss)
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), loss
+        updates, state = optimizer.update(grads, state, p)
+        return (optax.apply_updates(p, updates), state), loss
 
-    (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(config.steps))
-    return AdaptResult(params["heads"], params.get("meta", meta), losses)
+    state = optimizer.init(params) if opt_state is None else opt_state
+    (params, state), losses = jax.lax.scan(step, (params, state), start_step + jnp.arange(config.steps))
+    return AdaptResult(params["heads"], params.get("meta", meta), losses, state)
 
 
 def adapt_subjects(example_loss: ExampleLoss, graphdef: nnx.GraphDef, base: nnx.State, meta: nnx.State,

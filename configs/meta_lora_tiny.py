@@ -1,0 +1,98 @@
+"""Meta-LoRA on the procedural world: meta-train ``D`` over meta_train identities, adapt test identities.
+
+    python -m experiments.meta_train --config configs/meta_lora_tiny.py --workdir runs/meta_tiny
+    python -m experiments.adapt --config configs/meta_lora_tiny.py --workdir runs/meta_tiny \
+        --config.adapt.identities="(0, 1, 2, 3)"
+    python -m experiments.meta_train --config configs/meta_lora_tiny.py:smoke --workdir /tmp/smoke   # CI size
+
+Arguments: ``""`` (default) or ``"smoke"`` (random tiny base, a few steps, the ``smoke`` dataset).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "smoke"):
+        raise ValueError(f"configs/meta_lora_tiny.py: unknown argument {arg!r}; use '' or 'smoke'")
+    smoke = arg == "smoke"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.base = ml_collections.ConfigDict()
+    c.base.path = ""  # "" = the pretrained base shipped in assets/base_tiny; "random:<base config arg>" = untrained
+    c.base.attention_backend = "auto"
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.method = "meta_lora"  # "meta_lora" (D shared, M/U per subject) | "lora" (A/B per subject)
+    c.lora.targets = "attn"
+    c.lora.rank = 4  # r_d
+    c.lora.mid_rank = 16  # r_m
+    c.lora.alpha = 0.0  # 0 = scale 1
+
+    c.meta = ml_collections.ConfigDict()
+    c.meta.algorithm = "joint"  # joint | reptile | fomaml | maml
+    c.meta.num_heads = 1000  # joint: head table rows (identity i uses row i % num_heads)
+    c.meta.identities_per_step = 8
+    c.meta.shots = 2  # support shots per identity
+    c.meta.query_shots = 1  # (fo)maml only
+    c.meta.inner_steps = 4  # reptile / (fo)maml inner loop
+    c.meta.inner_learning_rate = 1e-2
+    c.meta.inner_optimizer = "adam"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synth"
+    c.data.synth_config = "r32"
+    c.data.folder_root = ""
+    c.data.data_dir = ""
+    c.data.split = "meta_train"
+    c.data.flip_prob = 0.5
+    c.data.pad_fraction = 0.0625
+    c.data.num_threads = 2
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 400
+    c.train.min_snr_gamma = 5.0
+    c.train.log_every = 25
+    c.train.checkpoint_every = 100
+    c.train.stop_at = 0
+    c.train.progress = True
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 20
+    c.optimizer.total_steps = 0  # 0 = train.steps
+    c.optimizer.end_lr_ratio = 0.1
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = 1.0
+
+    c.adapt = ml_collections.ConfigDict()
+    c.adapt.identities = (0, 1, 2, 3)  # indices into the test split's identities
+    c.adapt.split = "test"
+    c.adapt.shots = 1
+    c.adapt.steps = 100
+    c.adapt.learning_rate = 5e-3
+    c.adapt.batch_size = 4
+    c.adapt.meta_down = ""  # "" = <workdir>/meta_down (the output of meta_train); unused by the lora method
+    c.adapt.num_inference_steps = 25
+    c.adapt.guidance_scale = 3.0
+    c.adapt.seeds_per_prompt = 2
+
+    if smoke:
+        c.base.path = "random:smoke"
+        c.lora.mid_rank = 4
+        c.meta.num_heads = 16
+        c.meta.identities_per_step = 2
+        c.meta.inner_steps = 2
+        c.data.synth_config = "smoke"
+        c.data.num_threads = 1
+        c.train.steps = 4
+        c.train.log_every = 2
+        c.train.checkpoint_every = 2
+        c.train.progress = False
+        c.optimizer.warmup_steps = 1
+        c.adapt.identities = (0, 1)
+        c.adapt.steps = 3
+        c.adapt.batch_size = 1
+        c.adapt.num_inference_steps = 2
+        c.adapt.seeds_per_prompt = 1
+    return c

@@ -1,0 +1,142 @@
+"""Glue between a base text-to-image model, adapters, text conditioning and the meta loops.
+
+Used by ``experiments/meta_train.py`` and ``experiments/adapt.py`` (and the benchmark harness), so the two jobs
+attach the same adapters, condition on text the same way and read/write the Meta-Down the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save
+
+from metalora.lora import LoRAConfig, inject, split_roles
+from metalora.models import base_model as bm
+from metalora.train.io import atomic_write_bytes, atomic_write_text
+
+METHODS = ("meta_lora", "lora")
+META_DOWN_FILE = "meta_down.safetensors"
+
+
+def lora_config(method: str, *, targets: Any = "attn", rank: int = 4, mid_rank: int = 16, alpha: float | None = None,
+                num_subjects: int = 1) -> LoRAConfig:
+    """Meta-LoRA: three factors, ``D`` meta-shared. LoRA (baseline): two factors, all per subject."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    targets = targets if isinstance(targets, str) else tuple(targets)
+    if method == "meta_lora":
+        return LoRAConfig(targets=targets, rank=rank, mid_rank=mid_rank, alpha=alpha, down_role="meta",
+                          num_subjects=num_subjects)
+    return LoRAConfig(targets=targets, rank=rank, mid_rank=None, alpha=alpha, down_role="subject",
+                      num_subjects=num_subjects)
+
+
+def attach_adapters(model: bm.BaseModel, params: bm.BaseParams, config: LoRAConfig,
+                    key: jax.Array) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """The base UNet with adapters injected: ``(graphdef, base, meta, subject)`` role states."""
+    unet = model.unet(params)
+    inject(unet, config, key=key)
+    return split_roles(unet)
+
+
+def encode_shots(model: bm.BaseModel, text_params: Any, shots: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Shots with token ids → shots with text embeddings (``context``, and ``context_flipped`` if ids given)."""
+    out = {"images": shots["images"]}
+    for ids_key, ctx_key in (("input_ids", "context"), ("input_ids_flipped", "context_flipped")):
+        if ids_key in shots:
+            ids = shots[ids_key]
+            flat = bm.encode_text(model, text_params, ids.reshape(-1, ids.shape[-1]))
+            out[ctx_key] = flat.reshape(*ids.shape[:-1], *flat.shape[1:])
+    return out
+
+
+def with_text_encoder(meta_loss: Callable, model: bm.BaseModel) -> Callable:
+    """Wraps a meta objective so batches carry token ids; the frozen text encoder runs inside the step.
+
+    ``frozen = {"base": UNet base state, "text": text encoder params}``.
+    """
+    def loss_fn(params, frozen, batch, key):
+        encoded = {"identity": batch["identity"]}
+        for part in ("support", "query"):
+            if part in batch:
+                encoded[part] = encode_shots(model, frozen["text"], batch[part])
+        return meta_loss(params, {"base": frozen["base"]}, encoded, key)
+
+    return loss_fn
+
+
+class EpisodeBatches:
+    """Checkpointable meta-training batches from the data module's episode iterator, captions tokenized on host.
+
+    ``{"identity": (B,), "support": {"images": (B,k,H,W,3), "input_ids": (B,k,L)}, "query": {...}}``.
+    """
+
+    def __init__(self, episode_iterator, tokenizer, *, with_query: bool):
+        self._it = episode_iterator
+        self._tokenizer = tokenizer
+        self._with_query = with_query
+
+    def __iter__(self):
+        return self
+
+    def _shots(self, ep, prefix: str) -> dict[str, np.ndarray]:
+        captions = ep[prefix + "captions"]
+        ids = self._tokenizer.tokenize([str(c) for c in captions.reshape(-1)])
+        return {"images": ep[prefix + "images"], "input_ids": ids.reshape(*captions.shape, -1)}
+
+    def __next__(self) -> dict[str, Any]:
+        ep = next(self._it)
+        batch = {"identity": np.asarray(ep["identity"], np.int32), "support": self._shots(ep, "")}
+        if self._with_query:
+            batch["query"] = self._shots(ep, "query_")
+        return batch
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: Mapping) -> None:
+        self._it.set_state(state)
+
+
+def _flat(state: nnx.State) -> dict[str, np.ndarray]:
+    return {".".join(str(p) for p in path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
+def save_meta_down(folder: str | pathlib.Path, meta: nnx.State, info: Mapping[str, Any]) -> pathlib.Path:
+    """Writes ``D`` (safetensors, keys = module paths) and ``meta_down.json`` (adapter config, base, provenance)."""
+    folder = pathlib.Path(folder)
+    atomic_write_bytes(folder / META_DOWN_FILE, save(_flat(meta), metadata={"format": "metalora-meta-down"}))
+    atomic_write_text(folder / "meta_down.json", json.dumps(dict(info), indent=2, default=str) + "\n")
+    return folder
+
+
+def load_meta_down(folder: str | pathlib.Path, template: nnx.State) -> tuple[nnx.State, dict[str, Any]]:
+    """Reads a saved ``D`` into the structure of ``template`` (the meta state of freshly attached adapters).
+
+    Mismatched adapters (other targets, ranks or base) raise one error naming every differing key and shape.
+    """
+    folder = pathlib.Path(folder)
+    path = folder / META_DOWN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: point at the output folder of experiments/meta_train.py")
+    tensors = load_file(str(path))
+    info = json.loads((folder / "meta_down.json").read_text())
+    expected = _flat(template)
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: file {tensors[k].shape}, model {v.shape}" for k, v in expected.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"{path} does not fit the attached adapters (targets/ranks/base differ):\n  "
+                         + "\n  ".join(problems))
+    flat = nnx.to_flat_state(template)
+    values = [(p, v.replace(jnp.asarray(tensors[".".join(str(x) for x in p)], v.get_value().dtype)))
+              for p, v in flat]
+    return nnx.from_flat_state(values), info
