@@ -61,20 +61,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     # Sized for the shared 2-core machine (see assets/base_tiny/README.md for the measured wall time).
-    c.train.steps = 400
+    c.train.steps = 150
     c.train.batch_size = 16  # distinct identities per step, one photo each
     c.train.cond_drop_prob = 0.1  # classifier-free guidance: caption → empty prompt
     c.train.min_snr_gamma = 5.0
-    c.train.ema_decay = 0.99  # a ~100-step horizon for a few-hundred-step run
+    c.train.ema_decay = 0.98  # a ~50-step horizon for a short run
     c.train.log_every = 50
-    c.train.checkpoint_every = 100
-    c.train.sample_every = 200  # 0 = no sample grids
+    c.train.checkpoint_every = 50
+    c.train.sample_every = 150  # 0 = no sample grids
     c.train.stop_at = 0  # > 0: stop (with a checkpoint) after this step, as on preemption; rerun to resume
     c.train.progress = True
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-3
-    c.optimizer.warmup_steps = 20
+    c.optimizer.warmup_steps = 10
     c.optimizer.total_steps = 0  # 0 = train.steps
     c.optimizer.end_lr_ratio = 0.05
     c.optimizer.weight_decay = 0.0
