@@ -304,15 +304,20 @@ def main(argv=None) -> list[dict[str, Any]]:
                           peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
             rows.append(result)
             print(f"    done in {result['wall_s']} s (process peak RSS {result['peak_rss_gib']} GiB)", flush=True)
+            if args.out:
+                _write(args, rows)
     table = markdown_table(rows)
     print(table)
-    if args.out:
-        payload = {"settings": vars(args) | {"out": str(args.out)}, "devices": jax.device_count(),
-                   "jax": jax.__version__, "machine": platform.processor() or platform.machine(),
-                   "load_average": os.getloadavg(), "results": rows, "table": table}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(payload, indent=2, default=str))
     return rows
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The JSON so far (rewritten after every program: a full run takes a long time on a shared CPU)."""
+    payload = {"settings": vars(args) | {"out": str(args.out)}, "devices": jax.device_count(),
+               "jax": jax.__version__, "machine": platform.processor() or platform.machine(),
+               "load_average": os.getloadavg(), "results": rows, "table": markdown_table(rows)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(payload, indent=2, default=str))
 
 
 if __name__ == "__main__":
