@@ -12,8 +12,8 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 _CACHE_DIR = pathlib.Path(os.environ.get("METALORA_JAX_CACHE", pathlib.Path.home() / ".cache" / "metalora" / "jax"))
 
