@@ -167,3 +167,21 @@ def test_default_checkpoint_loads_and_draws():
     images = bm.sample(model, params, ["a photo of a person, on a blue background"], jax.random.key(0)[None],
                        num_inference_steps=2)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_sample_cli_writes_a_prompt_by_seed_grid(tiny, tmp_path):
+    from PIL import Image
+
+    from experiments import sample as sample_cli
+
+    model, params = tiny
+    folder = bm.save_base_model(tmp_path / "m", model, params)
+    out = sample_cli.main(["--model", str(folder), "--prompt", "a photo of a person", "--prompt",
+                           "a photo of a person, smiling", "--seeds", "3", "--steps", "2", "--out",
+                           str(tmp_path / "grid.png")])
+    # 2 rows x 3 columns of 32 px tiles with 2 px padding
+    assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match=r"StableDiffusionPipeline.*has no loader"):
+        sample_cli.load_pipeline(tmp_path / "sd")
