@@ -5,8 +5,8 @@
         [--model assets/base_tiny] [--seeds 4] [--steps 50] [--guidance 3.0] [--eta 0.0] [--seed 0]
 
 ``--model`` is a pipeline folder; its ``model_index.json`` ``_class_name`` picks the loader in ``PIPELINE_LOADERS``.
-Our base models (``MetaloraBaseModel``) are supported; a diffusers Stable Diffusion folder plugs in by registering
-a loader that returns a ``Pipeline`` (the UNet and CLIP loaders exist; it needs the VAE decode step).
+Our base models (``MetaloraBaseModel``) and diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
+folders (``metalora.models.pipeline``: UNet, CLIP encoders, VAE) are supported.
 """
 
 from __future__ import annotations
@@ -46,8 +46,25 @@ def _load_metalora_base(path: pathlib.Path) -> Pipeline:
     return Pipeline(name=f"{path} ({model!r})", draw=draw)
 
 
+def _load_stable_diffusion(path: pathlib.Path) -> Pipeline:
+    """A diffusers Stable Diffusion / SDXL folder (UNet, CLIP encoders, VAE; safetensors only), sampled with DDIM."""
+    from metalora.models.pipeline import load_pipeline as load_sd
+
+    pipe = load_sd(path)
+
+    def draw(prompts, keys, *, num_inference_steps, guidance_scale, eta):
+        return np.asarray(pipe.sample(list(prompts), keys=keys, num_inference_steps=num_inference_steps,
+                                      guidance_scale=guidance_scale, eta=eta))
+
+    return Pipeline(name=f"{path} ({pipe.pipeline_class})", draw=draw)
+
+
 # model_index.json _class_name -> loader(folder) -> Pipeline
-PIPELINE_LOADERS: dict[str, Callable[[pathlib.Path], Pipeline]] = {"MetaloraBaseModel": _load_metalora_base}
+PIPELINE_LOADERS: dict[str, Callable[[pathlib.Path], Pipeline]] = {
+    "MetaloraBaseModel": _load_metalora_base,
+    "StableDiffusionPipeline": _load_stable_diffusion,
+    "StableDiffusionXLPipeline": _load_stable_diffusion,
+}
 
 
 def load_pipeline(path: str | pathlib.Path | None = None) -> Pipeline:

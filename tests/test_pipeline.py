@@ -383,3 +383,21 @@ def test_component_shape_contracts_are_checked(tmp_path, sd_folder):
 def test_missing_model_index(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model_index\.json"):
         load_pipeline(tmp_path)
+
+
+def test_sampling_cli_draws_a_diffusers_folder(sd_folder, sd, tmp_path):
+    """``experiments.sample`` on a Stable Diffusion folder writes the images the pipeline draws."""
+    from PIL import Image
+
+    from experiments import sample as sample_cli
+
+    out = sample_cli.main(["--model", str(sd_folder[0]), "--prompt", "a photo of a cat", "--seeds", "2", "--steps", "2",
+                           "--guidance", "3.0", "--out", str(tmp_path / "grid.png")])
+    grid = np.asarray(Image.open(out))
+    keys = jax.random.split(jax.random.key(0), 2)
+    expected = to_uint8(sd[1].sample(["a photo of a cat"] * 2, keys=keys, num_inference_steps=2, guidance_scale=3.0))
+    h, w = expected.shape[1:3]
+    assert grid.shape[0] >= h and grid.shape[1] >= 2 * w
+    tiles = [grid[y:y + h, x:x + w] for y in range(grid.shape[0] - h + 1) for x in range(grid.shape[1] - w + 1)
+             if np.array_equal(grid[y:y + h, x:x + w], expected[0])]
+    assert tiles, "the first image of the pipeline is not in the CLI's grid"
