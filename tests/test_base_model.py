@@ -181,7 +181,7 @@ def test_sample_cli_writes_a_prompt_by_seed_grid(tiny, tmp_path):
                            str(tmp_path / "grid.png")])
     # 2 rows x 3 columns of 32 px tiles with 2 px padding
     assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)
-    (tmp_path / "sd").mkdir()
-    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(ValueError, match=r"StableDiffusionPipeline.*has no loader"):
-        sample_cli.load_pipeline(tmp_path / "sd")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match=r"KandinskyPipeline.*has no loader"):
+        sample_cli.load_pipeline(tmp_path / "other")
