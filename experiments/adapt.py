@@ -75,9 +75,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     out = workdir / f"adapt_{method}"
 
     d = config.data
-    builder = builders.prepare(builders.track_builder(d.source, resolution=model.resolution,
-                                                      synth_config=d.synth_config, folder_root=d.folder_root or None,
-                                                      data_dir=d.data_dir or None))
+    builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))
     source = builders.data_source(builder, a.split)
     tests = protocol.protocol_from_source(builders.data_source(builder, a.split, decode_images=False), k=a.shots,
                                           seed=config.seed, with_attributes=d.source == "synth")

@@ -58,9 +58,7 @@ def meta_config(config: ml_collections.ConfigDict) -> MetaConfig:
 
 def make_batches(config: ml_collections.ConfigDict, model: bm.BaseModel, *, with_query: bool) -> EpisodeBatches:
     d, m = config.data, config.meta
-    builder = builders.prepare(builders.track_builder(d.source, resolution=model.resolution,
-                                                      synth_config=d.synth_config, folder_root=d.folder_root or None,
-                                                      data_dir=d.data_dir or None))
+    builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))
     sampler = episodes.make_sampler(builder, d.split, identities_per_step=m.identities_per_step, shots=m.shots,
                                     query_shots=m.query_shots if with_query else 0, seed=config.seed,
                                     augment=episodes.Augment(pad_fraction=d.pad_fraction, flip_prob=d.flip_prob))

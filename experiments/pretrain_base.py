@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from metalora.config_utils import config_to_dict, run_cli
-from metalora.data import builders, episodes, folders
+from metalora.data import builders, episodes
 from metalora.models import base_model as bm
 from metalora.train import (
     TrainLoop,
@@ -79,25 +79,11 @@ class CaptionBatches:
         self._it.set_state(state)
 
 
-def _builder(data: ml_collections.ConfigDict, resolution: int):
-    data_dir = data.data_dir or None
-    if data.source == "synth":
-        builder = builders.synth_builder(data.synth_config, data_dir=data_dir)
-        if builder.builder_config.resolution != resolution:
-            raise ValueError(f"config.data.synth_config={data.synth_config!r} renders "
-                             f"{builder.builder_config.resolution} px but config.model.resolution={resolution}")
-        return builder
-    if data.source == "folders":
-        root = data.folder_root or folders.default_lfw_root()
-        return builders.folder_builder(builders.folder_config(root, resolution=resolution), data_dir=data_dir)
-    raise ValueError(f"config.data.source={data.source!r}; choose 'synth' or 'folders'")
-
-
 def make_data(config: ml_collections.ConfigDict, tokenizer) -> CaptionBatches:
     """The pretraining batches of ``config.data`` (tfds data source + grain, deterministic in (seed, step))."""
     data = config.data
     sampler = episodes.make_sampler(
-        builders.prepare(_builder(data, config.model.resolution)), data.split,
+        builders.prepare(builders.track_builder(data, resolution=config.model.resolution)), data.split,
         identities_per_step=config.train.batch_size, shots=1, seed=config.seed,
         augment=episodes.Augment(pad_fraction=data.pad_fraction, flip_prob=data.flip_prob),
     )

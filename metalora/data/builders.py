@@ -288,22 +288,24 @@ def folder_builder(config: FolderConfig, data_dir: pathlib.Path | str | None = N
     return IdentityFolders(config=config, data_dir=str(data_dir or default_data_dir()), file_format="array_record")
 
 
-def track_builder(source: str, *, resolution: int, synth_config: str = "r32", folder_root: str | None = None,
-                  data_dir: pathlib.Path | str | None = None) -> tfds.core.DatasetBuilder:
-    """The builder of one data track: ``"synth"`` (procedural world) or ``"folders"`` (real photos, default LFW).
+def track_builder(data, *, resolution: int) -> tfds.core.DatasetBuilder:
+    """The builder of a job's data track, from its ``config.data`` section (any object with the attributes
+    ``source`` — ``"synth"`` (procedural world) or ``"folders"`` (real photos, default LFW) — ``synth_config``,
+    ``folder_root`` and ``data_dir``; empty strings mean the defaults).
 
-    Every job names its data with these fields (``config.data.*``), so they share one resolution check.
+    Every job names its data with these fields, so they share one resolution check.
     """
-    if source == "synth":
-        builder = synth_builder(synth_config, data_dir=data_dir)
+    data_dir = data.data_dir or None
+    if data.source == "synth":
+        builder = synth_builder(data.synth_config, data_dir=data_dir)
         if builder.builder_config.resolution != resolution:
-            raise ValueError(f"data synth_config={synth_config!r} renders {builder.builder_config.resolution} px "
-                             f"but the model draws {resolution} px")
+            raise ValueError(f"config.data.synth_config={data.synth_config!r} renders "
+                             f"{builder.builder_config.resolution} px but the model draws {resolution} px")
         return builder
-    if source == "folders":
-        root = folder_root or folders.default_lfw_root()
+    if data.source == "folders":
+        root = data.folder_root or folders.default_lfw_root()
         return folder_builder(folder_config(root, resolution=resolution), data_dir=data_dir)
-    raise ValueError(f"data source={source!r}; choose 'synth' or 'folders'")
+    raise ValueError(f"config.data.source={data.source!r}; choose 'synth' or 'folders'")
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
