@@ -111,9 +111,9 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     after = np.asarray(evaluate(result.heads, held_shots))
 
     rows, names = [], []
+    adapted_model = merge_roles(graphdef, base, meta, result.heads)
     for s, test in enumerate(chosen):
-        subject_model = merge_roles(graphdef, base, meta, result.heads)
-        export_diffusers(subject_model, s, out / f"subject_{test.identity}")
+        export_diffusers(adapted_model, s, out / f"subject_{test.identity}")
         unet = merged_unet_params(graphdef, base, meta, result.heads, s)
         prompts = [p.text for p in test.prompts for _ in range(a.seeds_per_prompt)]
         images = bm.sample_from_ids(model, {"unet": unet, "text_encoder": text}, jnp.asarray(model.tokenize(prompts)),
