@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jaxpr_walk import iter_eqns
 
 from metalora import lora
 from metalora.lora import LoRAConfig, MetaDownParam, SubjectParam
@@ -285,15 +286,6 @@ def test_subject_indexed_batch_equals_per_subject_calls(config):
         assert_close(grid[s], run(lora.take_subject(model, s), *(a[s:s + 1] for a in x)))
 
 
-def _eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from _eqns(inner)
-
-
 def test_vmap_does_not_replicate_base_weights():
     model, _ = make(META_CFG)
     graphdef, base, meta, heads = lora.split_roles(model)
@@ -302,7 +294,7 @@ def test_vmap_does_not_replicate_base_weights():
     weights = [leaf for leaf in jax.tree.leaves(nnx.filter_state(base, nnx.Param)) + jax.tree.leaves(meta)
                if leaf.ndim >= 2]
     replicated = {(3, *w.shape) for w in weights}
-    products = [e for e in _eqns(jaxpr.jaxpr) if str(e.primitive) in ("dot_general", "conv_general_dilated")]
+    products = [e for e in iter_eqns(jaxpr.jaxpr) if str(e.primitive) in ("dot_general", "conv_general_dilated")]
     assert products
     bad = [[v.aval.shape for v in e.invars] for e in products
            if any(getattr(v.aval, "shape", None) in replicated for v in e.invars)]

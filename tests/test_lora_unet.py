@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jaxpr_walk import iter_eqns
 
 from metalora import lora
 from metalora.lora import LoRAConfig
@@ -25,15 +26,6 @@ def unet(tmp_path_factory):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(folder)
     return load_unet(folder)
-
-
-def _eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from _eqns(inner)
 
 
 def test_unet_mixed_subject_batch(unet):
@@ -69,7 +61,7 @@ def test_unet_mixed_subject_batch(unet):
     weights = [leaf for leaf in jax.tree.leaves(nnx.filter_state(base, nnx.Param)) + jax.tree.leaves(meta)
                if leaf.ndim >= 2]
     replicated = {(5, *w.shape) for w in weights}
-    bad = [(str(e.primitive), [v.aval.shape for v in e.invars]) for e in _eqns(jaxpr.jaxpr)
+    bad = [(str(e.primitive), [v.aval.shape for v in e.invars]) for e in iter_eqns(jaxpr.jaxpr)
            if str(e.primitive) in ("dot_general", "conv_general_dilated")
            and any(getattr(v.aval, "shape", None) in replicated for v in e.invars)]
     assert not bad, bad
