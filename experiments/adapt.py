@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from experiments.meta_train import adapter_config, load_base
 from metalora.config_utils import run_cli
-from metalora.data import builders, protocol, world
+from metalora.data import builders, protocol
+from metalora.eval.harness import shot_arrays
 from metalora.export import export_diffusers
-from metalora.lora import merge_roles, merge_subject, remove
+from metalora.lora import merge_roles, merged_params
 from metalora.meta import InnerLoopConfig, adapt_subjects, diffusion_example_loss, heldout_loss
 from metalora.meta.personalize import attach_adapters, encode_shots, load_meta_down
 from metalora.models import base_model as bm
@@ -37,34 +37,8 @@ from metalora.train.io import atomic_write_text
 MAX_HELDOUT = 8
 
 
-def _captions(record: dict, *, flipped: bool) -> str:
-    """The identifier caption of a photo (``a photo of sks person ...``); mirrored attributes when ``flipped``."""
-    attributes = json.loads(builders.decode_text(record["attributes_json"]) or "{}")
-    if flipped:
-        attributes = world.flip_attributes(attributes) if attributes else attributes
-    return world.make_caption(attributes, identifier=world.DEFAULT_IDENTIFIER)
-
-
-def subject_shots(source, records, tokenizer) -> dict[str, np.ndarray]:
-    """Images in [-1, 1] and token ids of the given records (the caption of the mirrored image as well)."""
-    rows = [source[int(r)] for r in records]
-    images = np.stack([np.asarray(row["image"], np.float32) / 127.5 - 1.0 for row in rows])
-    return {"images": images,
-            "input_ids": tokenizer.tokenize([_captions(row, flipped=False) for row in rows]),
-            "input_ids_flipped": tokenizer.tokenize([_captions(row, flipped=True) for row in rows])}
-
-
 def _stack(dicts: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(np.stack([d[k] for d in dicts])) for k in dicts[0]}
-
-
-def merged_unet_params(graphdef, base, meta, heads, subject: int) -> nnx.State:
-    """Plain UNet parameters with subject ``subject``'s adapter merged in (for sampling at base-model speed)."""
-    copy = jax.tree.map(jnp.array, base)  # merge_subject writes in place: never into the caller's base state
-    model = merge_roles(graphdef, copy, meta, heads)
-    merge_subject(model, subject)
-    remove(model)
-    return nnx.state(model, nnx.Param)
 
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
@@ -91,8 +65,8 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
         meta_info = None
 
     text = base_params["text_encoder"]
-    refs = _stack([subject_shots(source, t.references, model.tokenizer) for t in chosen])
-    held = _stack([subject_shots(source, t.heldout[:MAX_HELDOUT], model.tokenizer) for t in chosen])
+    refs = _stack([shot_arrays(source, t.references, model.tokenizer) for t in chosen])
+    held = _stack([shot_arrays(source, t.heldout[:MAX_HELDOUT], model.tokenizer) for t in chosen])
     ref_shots = jax.vmap(lambda s: encode_shots(model, text, s))(refs)
     held_shots = jax.vmap(lambda s: encode_shots(model, text, s))(held)
 
@@ -114,7 +88,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     adapted_model = merge_roles(graphdef, base, meta, result.heads)
     for s, test in enumerate(chosen):
         export_diffusers(adapted_model, s, out / f"subject_{test.identity}")
-        unet = merged_unet_params(graphdef, base, meta, result.heads, s)
+        unet = merged_params(graphdef, base, meta, result.heads, s)
         prompts = [p.text for p in test.prompts for _ in range(a.seeds_per_prompt)]
         images = bm.sample_from_ids(model, {"unet": unet, "text_encoder": text}, jnp.asarray(model.tokenize(prompts)),
                                     jax.random.split(jax.random.key(config.seed + 6), len(prompts)),

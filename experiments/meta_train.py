@@ -29,17 +29,7 @@ from metalora.train.io import atomic_write_text
 
 
 def load_base(config: ml_collections.ConfigDict) -> tuple[bm.BaseModel, bm.BaseParams]:
-    """The frozen base: the shipped checkpoint, a folder, or ``random:<configs/base_tiny.py arg>`` (tests)."""
-    path = config.base.path
-    if path.startswith("random:"):
-        from configs import base_tiny
-        from experiments.pretrain_base import build_model
-
-        base_config = base_tiny.get_config(path.split(":", 1)[1])
-        base_config.model.attention_backend = config.base.attention_backend
-        model = build_model(base_config)
-        return model, bm.init_base_params(model, jax.random.key(base_config.seed))
-    return bm.load_base_model(path or None, attention_backend=config.base.attention_backend)
+    return bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
 
 
 def adapter_config(config: ml_collections.ConfigDict, num_subjects: int = 1):

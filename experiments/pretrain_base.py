@@ -41,16 +41,7 @@ __all__ = ["CaptionBatches", "build_model", "main", "make_data"]
 
 def build_model(config: ml_collections.ConfigDict) -> bm.BaseModel:
     """The composite model the config describes (no weights)."""
-    m = config.model
-    tokenizer = bm.world_tokenizer(max_length=m.max_length or None)
-    unet = bm.tiny_unet_config(block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
-                               cross_attention_dim=m.text_hidden_size, attention_head_dim=m.attention_head_dim,
-                               norm_num_groups=m.norm_num_groups)
-    scheduler = bm.default_scheduler_config() | {"beta_schedule": m.beta_schedule, "prediction_type": m.prediction_type}
-    model_config = bm.BaseModelConfig.create(resolution=m.resolution, unet=unet, text_hidden_size=m.text_hidden_size,
-                                             text_layers=m.text_layers, text_heads=m.text_heads, tokenizer=tokenizer,
-                                             scheduler=scheduler)
-    return bm.BaseModel(model_config, attention_backend=m.attention_backend)
+    return bm.build_base_model(config.model)
 
 
 class CaptionBatches:

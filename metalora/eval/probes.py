@@ -72,6 +72,10 @@ FORMAT_VERSION = 1
 ENCODER_FILE, CLASSIFIER_FILE = "identity_encoder.safetensors", "attribute_classifier.safetensors"
 
 
+# Probes shipped with the repository (``assets/probes_<name>``), used when the probes dir has none of that name.
+SHIPPED_PROBES_DIR = pathlib.Path(__file__).resolve().parents[2] / "assets"
+
+
 def default_probes_dir() -> pathlib.Path:
     """``$METALORA_PROBES`` or ``~/.cache/metalora/probes`` (never inside the repository)."""
     return pathlib.Path(
@@ -578,18 +582,20 @@ def save_probes(directory: str | os.PathLike, probes: Probes) -> pathlib.Path:
 def load_probes(path_or_name: str | os.PathLike = "r32", *, root: str | os.PathLike | None = None) -> Probes:
     """Load probes from a checkpoint folder, or by name from ``root`` (default ``default_probes_dir()``).
 
-    A name like ``"r32"`` resolves to ``<root>/r32``; an existing folder path is used as is.
+    A name like ``"r32"`` resolves to ``<root>/r32``, else to the shipped ``assets/probes_r32``; an existing folder
+    path is used as is.
     """
     p = pathlib.Path(path_or_name).expanduser()
     if not (p / "config.json").exists():
         base = pathlib.Path(root).expanduser() if root is not None else default_probes_dir()
-        candidate = base / str(path_or_name)
-        if not (candidate / "config.json").exists():
+        candidates = [base / str(path_or_name), SHIPPED_PROBES_DIR / f"probes_{path_or_name}"]
+        found = [c for c in candidates if (c / "config.json").exists()]
+        if not found:
             raise FileNotFoundError(
-                f"no probes at {str(path_or_name)!r}: neither {p} nor {candidate} holds a config.json; train them with "
-                "`python -m experiments.train_probes --config configs/probes.py --workdir DIR`"
+                f"no probes at {str(path_or_name)!r}: none of {[str(p), *map(str, candidates)]} holds a config.json; "
+                "train them with `python -m experiments.train_probes --config configs/probes.py --workdir DIR`"
             )
-        p = candidate
+        p = found[0]
     config = json.loads((p / "config.json").read_text())
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(

@@ -6,7 +6,7 @@ running many subjects in one call; ``merge`` for merging and parameter accountin
 
 from metalora.lora.adapters import LoRAAdapter, LoRAConfig, LoRAConv, LoRALinear, iter_adapters
 from metalora.lora.inject import TARGET_PRESETS, inject, remove, select_targets
-from metalora.lora.merge import ParameterCount, count_parameters, merge_subject, unmerge
+from metalora.lora.merge import ParameterCount, count_parameters, merge_subject, merged_params, unmerge
 from metalora.lora.roles import (
     BASE,
     META,
@@ -49,6 +49,7 @@ __all__ = [
     "iter_adapters",
     "merge_roles",
     "merge_subject",
+    "merged_params",
     "num_subjects",
     "reinit_subjects",
     "remove",

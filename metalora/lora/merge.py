@@ -6,10 +6,12 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from metalora.lora.adapters import iter_adapters
-from metalora.lora.roles import split_roles
+from metalora.lora.inject import remove
+from metalora.lora.roles import merge_roles, split_roles
 from metalora.lora.subjects import num_subjects
 
 
@@ -29,6 +31,19 @@ def merge_subject(model: nnx.Module, subject: int) -> None:
         kernel = adapter.base.kernel
         kernel[...] = kernel[...] + adapter.delta_kernel(subject).astype(kernel.dtype)
         adapter.merged_subject = subject
+
+
+def merged_params(graphdef: nnx.GraphDef, base: nnx.State, meta: nnx.State, heads: nnx.State,
+                  subject: int | None = None) -> nnx.State:
+    """Parameters of the *plain* model (adapters removed) with one subject's ``ΔW`` merged into the kernels.
+
+    Pure (it never writes into ``base``), so it can run under ``jit``/``vmap``: e.g. to sample an adapted subject at
+    the base model's speed. ``subject`` indexes a subject axis of ``heads``; ``None`` means ``heads`` has none.
+    """
+    model = merge_roles(graphdef, jax.tree.map(jnp.array, base), meta, heads)  # a copy: merging writes in place
+    merge_subject(model, subject)
+    remove(model)
+    return nnx.state(model, nnx.Param)
 
 
 def unmerge(model: nnx.Module) -> None:

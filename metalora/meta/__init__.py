@@ -9,6 +9,7 @@ from metalora.meta.inner import (
     diffusion_example_loss,
     heldout_loss,
     inner_optimizer,
+    optimize,
     sample_minibatch,
 )
 from metalora.meta.outer import ALGORITHMS, MetaConfig, head_table_bytes, init_meta_params, make_meta_loss
@@ -27,5 +28,6 @@ __all__ = [
     "init_meta_params",
     "inner_optimizer",
     "make_meta_loss",
+    "optimize",
     "sample_minibatch",
 ]

@@ -25,6 +25,7 @@ from flax import nnx
 from metalora.diffusion import NoiseSchedule, diffusion_loss, loss_weights, training_inputs
 from metalora.lora.roles import merge_roles
 
+FLIPPED = "_flipped"  # suffix of a shot entry that belongs to the mirrored image
 ExampleLoss = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], jax.Array]
 
 
@@ -75,20 +76,25 @@ class AdaptResult(NamedTuple):
 
 
 def sample_minibatch(shots: Mapping[str, jax.Array], key: jax.Array, config: InnerLoopConfig) -> dict[str, jax.Array]:
-    """``batch_size`` examples drawn from the shots with replacement, flipped/shifted at random."""
+    """``batch_size`` examples drawn from the shots with replacement, flipped/shifted at random.
+
+    Every entry of ``shots`` is indexed by shot; an entry ``X_flipped`` (e.g. ``context_flipped``, the embedding of
+    the mirrored image's caption) replaces ``X`` for the examples that are flipped and is not returned itself.
+    """
     k_pick, k_flip, k_shift = jax.random.split(key, 3)
     num_shots = shots["images"].shape[0]
     index = jax.random.randint(k_pick, (config.batch_size,), 0, num_shots)
-    images = shots["images"][index]
-    context = shots["context"][index]
+    batch = {name: value[index] for name, value in shots.items() if not name.endswith(FLIPPED)}
     if config.flip:
         flip = jax.random.bernoulli(k_flip, 0.5, (config.batch_size,))
-        images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        if "context_flipped" in shots:
-            context = jnp.where(flip[:, None, None], shots["context_flipped"][index], context)
+        batch["images"] = jnp.where(flip[:, None, None, None], batch["images"][:, :, ::-1], batch["images"])
+        for name in batch:
+            if name + FLIPPED in shots:
+                mirrored = shots[name + FLIPPED][index]
+                batch[name] = jnp.where(flip.reshape((-1,) + (1,) * (mirrored.ndim - 1)), mirrored, batch[name])
     if config.max_shift:
-        images = _random_shift(images, k_shift, config.max_shift)
-    return {"images": images, "context": context}
+        batch["images"] = _random_shift(batch["images"], k_shift, config.max_shift)
+    return batch
 
 
 def _random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
@@ -103,22 +109,17 @@ def _random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Arra
     return jax.vmap(crop)(padded, offsets)
 
 
-def adapt(example_loss: ExampleLoss, graphdef: nnx.GraphDef, base: nnx.State, meta: nnx.State, heads: nnx.State,
-          shots: Mapping[str, jax.Array], key: jax.Array, config: InnerLoopConfig, *, opt_state: Any = None,
-          start_step: int | jax.Array = 0) -> AdaptResult:
-    """Adapts one subject: ``config.steps`` optimiser steps on ``heads`` (and ``meta`` if ``train_meta``).
+def optimize(loss_of: Callable[[Any, Mapping[str, jax.Array], jax.Array], jax.Array], params: Any,
+             shots: Mapping[str, jax.Array], key: jax.Array, config: InnerLoopConfig, *, opt_state: Any = None,
+             start_step: int | jax.Array = 0) -> tuple[Any, jax.Array, Any]:
+    """The inner loop itself: ``config.steps`` optimiser steps on any pytree ``params``, one ``lax.scan``.
 
-    ``heads`` is one subject's factors (no subject axis). Step ``i`` draws its minibatch and noise from
-    ``fold_in(key, i)``; ``opt_state``/``start_step`` continue an earlier call, so adaptation can be run in
-    chunks (e.g. to evaluate at several step counts) with the same result as one call. Returns the adapted
-    factors, the loss before each step and the optimiser state.
+    ``loss_of(params, minibatch, key)`` is the objective. Step ``i`` draws its minibatch and noise from
+    ``fold_in(key, i)``; ``opt_state``/``start_step`` continue an earlier call, so a run split into chunks (e.g. to
+    evaluate at several step counts) equals one long run. Returns ``(params, losses before each step, opt_state)``.
+    Every adaptation method (LoRA heads, a full UNet, a token embedding) runs through this one function.
     """
     optimizer = inner_optimizer(config)
-    params = {"heads": heads, "meta": meta} if config.train_meta else {"heads": heads}
-
-    def loss_of(p, batch, k):
-        model = merge_roles(graphdef, base, p.get("meta", meta), p["heads"])
-        return example_loss(model, batch, k)
 
     def step(carry, i):
         p, state = carry
@@ -129,6 +130,24 @@ def adapt(example_loss: ExampleLoss, graphdef: nnx.GraphDef, base: nnx.State, me
 
     state = optimizer.init(params) if opt_state is None else opt_state
     (params, state), losses = jax.lax.scan(step, (params, state), start_step + jnp.arange(config.steps))
+    return params, losses, state
+
+
+def adapt(example_loss: ExampleLoss, graphdef: nnx.GraphDef, base: nnx.State, meta: nnx.State, heads: nnx.State,
+          shots: Mapping[str, jax.Array], key: jax.Array, config: InnerLoopConfig, *, opt_state: Any = None,
+          start_step: int | jax.Array = 0) -> AdaptResult:
+    """Adapts one subject's LoRA factors: ``optimize`` on ``heads`` (and ``meta`` if ``train_meta``).
+
+    ``heads`` is one subject's factors (no subject axis). See ``optimize`` for keys and chunking. Returns the
+    adapted factors, the loss before each step and the optimiser state.
+    """
+    params = {"heads": heads, "meta": meta} if config.train_meta else {"heads": heads}
+
+    def loss_of(p, batch, k):
+        model = merge_roles(graphdef, base, p.get("meta", meta), p["heads"])
+        return example_loss(model, batch, k)
+
+    params, losses, state = optimize(loss_of, params, shots, key, config, opt_state=opt_state, start_step=start_step)
     return AdaptResult(params["heads"], params.get("meta", meta), losses, state)
 
 

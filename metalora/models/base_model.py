@@ -441,3 +441,34 @@ def load_base_model(
     unet = load_unet(path / "unet", attention_backend=attention_backend)
     text = load_clip_text_model(path / "text_encoder", with_projection=False)
     return model, {"unet": nnx.state(unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From a job config
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_base_model(m: Any) -> BaseModel:
+    """The composite model a ``config.model`` section of ``configs/base_tiny.py`` describes (no weights)."""
+    tokenizer = world_tokenizer(max_length=m.max_length or None)
+    unet = tiny_unet_config(block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                            cross_attention_dim=m.text_hidden_size, attention_head_dim=m.attention_head_dim,
+                            norm_num_groups=m.norm_num_groups)
+    scheduler = default_scheduler_config() | {"beta_schedule": m.beta_schedule, "prediction_type": m.prediction_type}
+    model_config = BaseModelConfig.create(resolution=m.resolution, unet=unet, text_hidden_size=m.text_hidden_size,
+                                          text_layers=m.text_layers, text_heads=m.text_heads, tokenizer=tokenizer,
+                                          scheduler=scheduler)
+    return BaseModel(model_config, attention_backend=m.attention_backend)
+
+
+def load_base(path: str = "", *, attention_backend: str = "auto") -> tuple[BaseModel, BaseParams]:
+    """The frozen base of a personalization job: ``""`` = the shipped checkpoint, a pipeline folder, or
+    ``random:<arg>`` = untrained weights of ``configs/base_tiny.py:<arg>`` (tests and smoke runs)."""
+    if path.startswith("random:"):
+        from configs import base_tiny  # the config of record for the tiny base lives with the other configs
+
+        base_config = base_tiny.get_config(path.split(":", 1)[1])
+        base_config.model.attention_backend = attention_backend
+        model = build_base_model(base_config.model)
+        return model, init_base_params(model, jax.random.key(base_config.seed))
+    return load_base_model(path or None, attention_backend=attention_backend)

@@ -1,0 +1,299 @@
+"""The Meta-PHD-style benchmark as one job: config in, ``results.json`` / ``table.md`` / plots / grids out.
+
+Used by ``benchmarks/meta_phd/run.py`` (the full protocol), ``experiments/quickstart.py`` (one identity) and the
+ablation runner. Resumable: every finished (method variant, seed) cell is written to ``<workdir>/cells/`` and
+skipped on a rerun with the same config; a rerun with a changed config refuses stale cells instead of mixing them.
+
+Methods and learning rates come from ``config.methods`` and ``config.method.<name>.learning_rate``; a tuple of
+learning rates is a sweep, run as variants named ``<name>@lr=<value>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from metalora.config_utils import config_to_dict
+from metalora.data import builders, protocol
+from metalora.eval import harness as H
+from metalora.eval import methods as methods_lib
+from metalora.eval import probes as P
+from metalora.meta.inner import InnerLoopConfig, diffusion_example_loss
+from metalora.models import base_model as bm
+from metalora.train.io import atomic_write_bytes, atomic_write_text, plot_curves, save_image_grid
+
+RESULTS_FORMAT = 1
+
+
+def variants(config: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:
+    """(variant name, method, learning rate) for every method and swept learning rate."""
+    out = []
+    for name in config.methods:
+        if name not in methods_lib.METHODS:
+            raise ValueError(f"config.methods: unknown method {name!r}; choose from {methods_lib.METHODS}")
+        lrs = config.method[name].learning_rate
+        lrs = tuple(lrs) if isinstance(lrs, (tuple, list)) else (lrs,)
+        for lr in lrs:
+            out.append((name if len(lrs) == 1 else f"{name}@lr={lr:g}", name, float(lr)))
+    return out
+
+
+def build_method(name: str, config: ml_collections.ConfigDict, model: bm.BaseModel, params: bm.BaseParams,
+                 workdir: pathlib.Path) -> methods_lib.Method:
+    example_loss = diffusion_example_loss(model.schedule, min_snr_gamma=config.adapt.min_snr_gamma or None)
+    lc, mc = config.lora, config.method[name]
+    if name in ("meta_lora", "lora"):
+        meta_down = (mc.meta_down or str(workdir / "meta_down")) if name == "meta_lora" else None
+        return methods_lib.lora_method(name, model, params, example_loss, targets=lc.targets, rank=lc.rank,
+                                       mid_rank=lc.mid_rank, alpha=lc.alpha or None, meta_down=meta_down,
+                                       key=jax.random.key(config.seed))
+    if name == "dreambooth":
+        prior_images = prior_context = None
+        if mc.prior_weight > 0 and mc.prior_images > 0:
+            prior_images, prior_context = class_images(model, params, mc.prior_images, config.seed,
+                                                       config.sample.num_inference_steps, config.sample.guidance_scale)
+        return methods_lib.dreambooth_method(model, params, example_loss, prior_images=prior_images,
+                                             prior_context=prior_context, prior_weight=mc.prior_weight)
+    if name == "textual_inversion":
+        return methods_lib.textual_inversion_method(model, params, example_loss)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def class_images(model: bm.BaseModel, params: bm.BaseParams, n: int, seed: int, num_inference_steps: int,
+                 guidance_scale: float) -> tuple[jax.Array, jax.Array]:
+    """DreamBooth's prior-preservation set: ``n`` base-model samples of the bare class prompt, in [-1, 1], and the
+    prompt's embedding per image."""
+    prompt = protocol.class_word_prompts(identifier="")[0].text
+    ids = jnp.asarray(model.tokenize([prompt] * n))
+    images = bm.sample_from_ids(model, params, ids, jax.random.split(jax.random.key(seed + 99), n),
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    return images * 2.0 - 1.0, bm.encode_text(model, params["text_encoder"], ids)
+
+
+def choose_tests(config: ml_collections.ConfigDict, source_meta) -> tuple[protocol.TestIdentity, ...]:
+    p = config.protocol
+    tests = protocol.protocol_from_source(source_meta, k=p.shots, seed=config.seed,
+                                          with_attributes=config.data.source == "synth")
+    if p.identities:
+        bad = [i for i in p.identities if not 0 <= i < len(tests)]
+        if bad:
+            raise ValueError(f"config.protocol.identities {bad} out of range: the {config.protocol.split!r} split has "
+                             f"{len(tests)} identities")
+        return tuple(tests[i] for i in p.identities)
+    return tuple(tests[: p.num_identities] if p.num_identities else tests)
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> str:
+    """Hash of everything that changes a cell's numbers (not the method list or seed list, which only add cells)."""
+    d = config_to_dict(config)
+    for k in ("methods", "seeds", "report", "progress"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cell_paths(workdir: pathlib.Path, variant: str, seed: int) -> tuple[pathlib.Path, pathlib.Path]:
+    stem = f"{variant.replace('@', '_').replace('=', '')}__seed{seed}"
+    return workdir / "cells" / f"{stem}.json", workdir / "cells" / f"{stem}.npz"
+
+
+def _load_cell(workdir, variant, seed, fingerprint) -> dict | None:
+    meta_path, samples_path = _cell_paths(workdir, variant, seed)
+    if not (meta_path.exists() and samples_path.exists()):
+        return None
+    cell = json.loads(meta_path.read_text())
+    if cell.get("fingerprint") != fingerprint:
+        raise ValueError(f"{meta_path} was produced with another config (fingerprint {cell.get('fingerprint')} vs "
+                         f"{fingerprint}); use a new workdir or delete {meta_path.parent}")
+    with np.load(samples_path) as f:
+        cell["samples"] = {int(k.split("_")[1]): f[k] for k in f.files}
+    return cell
+
+
+def _save_cell(workdir, variant, seed, cell: Mapping[str, Any], samples: Mapping[int, np.ndarray]) -> None:
+    import io
+
+    meta_path, samples_path = _cell_paths(workdir, variant, seed)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{f"step_{k}": np.asarray(v * 255.0 + 0.5, np.uint8) for k, v in samples.items()})
+    atomic_write_bytes(samples_path, buf.getvalue())  # samples first: a cell counts as done once its json exists
+    atomic_write_text(meta_path, json.dumps(dict(cell), indent=1, default=float) + "\n")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) every method variant × seed on the configured test identities; write the report."""
+    workdir = pathlib.Path(workdir)
+    t_start = time.perf_counter()
+    model, params = bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
+    d = config.data
+    builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))
+    tests = choose_tests(config, builders.data_source(builder, config.protocol.split, decode_images=False))
+    subjects = H.load_subjects(model, params["text_encoder"], builders.data_source(builder, config.protocol.split),
+                               tests, max_heldout=config.protocol.max_heldout,
+                               seeds_per_prompt=config.sample.seeds_per_prompt,
+                               max_prompts=config.protocol.max_prompts or None)
+    probes = P.load_probes(config.probes) if config.probes else None
+    log(f"{subjects.count} test identities {subjects.identities}, {config.protocol.shots} shot(s), "
+        f"{len(subjects.prompts[0])} prompts × {subjects.seeds_per_prompt} seeds; probes: "
+        f"{probes.path if probes else 'none'}")
+    a = config.adapt
+    inner = InnerLoopConfig(steps=1, learning_rate=1.0, optimizer=a.optimizer, batch_size=a.batch_size, flip=a.flip,
+                            max_shift=a.max_shift)
+    fingerprint = config_fingerprint(config)
+    records, info, final_samples, exports = [], {}, {}, {}
+    for variant, name, lr in variants(config):
+        method = build_method(name, config, model, params, workdir)
+        info[variant] = {"method": name, "learning_rate": lr, "trainable_parameters": method.trainable_parameters,
+                         **{k: v for k, v in method.info.items() if k != "meta_down_info"}}
+        for seed in config.seeds:
+            cell = _load_cell(workdir, variant, seed, fingerprint)
+            if cell is None:
+                t0 = time.perf_counter()
+                result = H.run_method(method, model, subjects, seed=seed, eval_steps=a.eval_steps,
+                                      inner=dataclasses.replace(inner, learning_rate=lr),
+                                      num_inference_steps=config.sample.num_inference_steps,
+                                      guidance_scale=config.sample.guidance_scale,
+                                      heldout_repeats=config.eval.heldout_repeats, progress=log)
+                cell_records = [r | {"method": variant} for r in H.score_run(result, probes, subjects)]
+                cell = {"fingerprint": fingerprint, "variant": variant, "seed": seed, "records": cell_records,
+                        "seconds_per_step": result.seconds_per_step, "first_chunk_seconds": result.chunk_seconds[0]
+                        if result.chunk_seconds else None, "cell_seconds": time.perf_counter() - t0,
+                        "train_loss_first": result.train_losses[:, 0].tolist() if result.train_losses.size else [],
+                        "train_loss_last": result.train_losses[:, -1].tolist() if result.train_losses.size else []}
+                if config.export and method.export is not None:
+                    cell["exports"] = [str(method.export(jax.tree.map(lambda x, s=s: x[s], result.trainables),
+                                                         workdir / "exports" / variant / f"seed{seed}"
+                                                         / f"subject_{identity}"))
+                                       for s, identity in enumerate(subjects.identities)]
+                _save_cell(workdir, variant, seed, cell, {k: v for k, v in result.samples.items()
+                                                          if k == max(result.steps)})
+                cell["samples"] = {max(result.steps): result.samples[max(result.steps)]}
+            else:
+                log(f"{variant} seed {seed}: done earlier, loaded from {workdir / 'cells'}")
+                cell["samples"] = {k: v.astype(np.float32) / 255.0 for k, v in cell["samples"].items()}
+            records += cell["records"]
+            info[variant].setdefault("seconds_per_step_all_subjects", []).append(cell["seconds_per_step"])
+            info[variant].setdefault("cell_seconds", []).append(cell["cell_seconds"])
+            exports.setdefault(variant, []).extend(cell.get("exports", []))
+            final_samples.setdefault(variant, []).append(next(iter(cell["samples"].values())))
+    reference = _reference_variant(records, config.eval.reference_method, config.eval.target_metric)
+    summary = H.aggregate(records, reference_method=reference, target_metric=config.eval.target_metric)
+    if probes is not None:
+        for variant, arrays in final_samples.items():
+            info[variant]["frechet_to_heldout"] = H.frechet_to_heldout(probes, np.concatenate(arrays), subjects)
+    out = report(config, workdir, subjects, records, summary, info, final_samples)
+    out["exports"] = exports
+    out["wall_time_s"] = time.perf_counter() - t_start
+    atomic_write_text(workdir / "results.json", json.dumps(out, indent=1, default=_json_default) + "\n")
+    log(out["table"])
+    log(f"results: {workdir}")
+    return out
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _reference_variant(records, reference_method: str, metric: str) -> str | None:
+    """The reference method's variant with the best final ``metric`` (the strongest baseline of an LR sweep)."""
+    if not reference_method:
+        return None
+    names = {r["method"] for r in records if r["method"].split("@")[0] == reference_method}
+    if not names:
+        return None
+    finals = {}
+    for name in names:
+        last = max(r["step"] for r in records if r["method"] == name)
+        vals = [r[metric] for r in records if r["method"] == name and r["step"] == last and metric in r]
+        finals[name] = np.mean(vals) if vals else np.nan
+    sign = 1.0 if H.HIGHER_IS_BETTER[metric] else -1.0
+    valid = {k: v for k, v in finals.items() if np.isfinite(v)}
+    return max(valid, key=lambda k: sign * valid[k]) if valid else None
+
+
+def _notes(config) -> list[str]:
+    if not config.probes:
+        return ["No probes configured (config.probes=''): identity and prompt metrics were not computed."]
+    if config.data.source != "synth":
+        return ["Prompt alignment and pose copying are not defined on this track (its photos have no attribute "
+                "labels)."]
+    return []
+
+
+def _short_extras(info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for variant, i in info.items():
+        sps = i.get("seconds_per_step_all_subjects", [])
+        out[variant] = {"trainable params": f"{i['trainable_parameters']:,}", "lr": f"{i['learning_rate']:g}",
+                        "s/step (all subjects)": f"{np.nanmean(sps):.3f}" if sps else "–"}
+        if "frechet_to_heldout" in i:
+            out[variant]["FD to held-out"] = f"{i['frechet_to_heldout']:.3g}"
+    return out
+
+
+def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequence[Mapping[str, Any]],
+           summary: Mapping[str, Any], info: Mapping[str, Any],
+           final_samples: Mapping[str, list[np.ndarray]]) -> dict[str, Any]:
+    """table.md, plots and the image grid; returns the results dict (written by the caller)."""
+    table = H.markdown_table(summary, _short_extras(info), notes=_notes(config))
+    n_cells = len(config.seeds) * subjects.count
+    header = (f"# {config.report.title}\n\n{subjects.count} identities × {len(config.seeds)} seeds = {n_cells} "
+              f"cells per method; mean ± 95% CI (Student t). {config.protocol.shots} reference shot(s), "
+              f"{len(subjects.prompts[0])} prompts × {subjects.seeds_per_prompt} samples per identity.\n\n")
+    curve_md = "".join(f"\n### {m} by adaptation step\n\n" + H.curve_table(summary, m)
+                       for m in ("r_face_sim", "heldout_loss") if summary["curves"].get(m))
+    atomic_write_text(workdir / "table.md", header + table + curve_md)
+    plots = {}
+    for metric, ylabel in (("r_face_sim", "R-FaceSim (held-out photos)"), ("heldout_loss", "held-out denoising loss"),
+                           ("prompt_alignment", "prompt alignment")):
+        cs = summary["curves"].get(metric)
+        if not cs or not any(c["mean"] for c in cs.values()):
+            continue
+        lines = {m: (c["step"], c["mean"]) for m, c in cs.items() if c["mean"]}
+        bands = {m: (np.subtract(c["mean"], np.nan_to_num(c["ci"])), np.add(c["mean"], np.nan_to_num(c["ci"])))
+                 for m, c in cs.items() if c["mean"]}
+        plots[metric] = str(plot_curves(lines, workdir / f"{metric}_vs_steps.png", xlabel="adaptation steps",
+                                        ylabel=ylabel, bands=bands, title=f"{ylabel} (mean ± 95% CI)"))
+    finals = {m: [r for r in records if r["method"] == m and r["step"] == summary["final"][m]["step"]]
+              for m in summary["final"]}
+    if any("prompt_alignment" in r for rows in finals.values() for r in rows):
+        pts = {m: ([r["prompt_alignment"] for r in rows if "prompt_alignment" in r],
+                   [r["r_face_sim"] for r in rows if "prompt_alignment" in r]) for m, rows in finals.items()}
+        plots["scatter"] = str(H.plot_scatter(pts, workdir / "rfacesim_vs_alignment.png", xlabel="prompt alignment",
+                                              ylabel="R-FaceSim", title="identity vs prompt (final step)"))
+    plots["grid"] = str(image_grid(workdir / "grid.png", subjects, final_samples, config.report.grid_identities))
+    return {"format": RESULTS_FORMAT, "config": config_to_dict(config), "fingerprint": config_fingerprint(config),
+            "identities": subjects.identities, "prompts": [[p.text for p in ps] for ps in subjects.prompts],
+            "methods": dict(info), "summary": summary, "records": list(records), "table": table, "plots": plots,
+            "versions": {"jax": jax.__version__, "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "devices": [str(x) for x in jax.devices()]}}
+
+
+def image_grid(path: pathlib.Path, subjects: H.Subjects, final_samples: Mapping[str, list[np.ndarray]],
+               max_identities: int) -> pathlib.Path:
+    """Per identity: one row per method — reference | held-out photo | one sample (first seed) per prompt."""
+    rows = []
+    n = subjects.seeds_per_prompt
+    for s in range(min(max_identities, subjects.count)):
+        real = H.to_unit(np.stack([subjects.shots["images"][s, 0], subjects.heldout["images"][s, 0]]))
+        for arrays in final_samples.values():
+            rows.append(np.concatenate([real, arrays[0][s][::n]]))  # first seed of the method's first seed cell
+    width = max(len(r) for r in rows)
+    grid = np.concatenate([np.concatenate([r, np.ones((width - len(r), *r.shape[1:]), r.dtype)]) for r in rows])
+    return save_image_grid(grid, path, nrow=width)

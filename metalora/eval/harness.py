@@ -1,0 +1,416 @@
+"""Meta-PHD-style protocol: adapt test identities with each method, evaluate at a list of step counts, aggregate.
+
+For every method × seed, the S test identities adapt together (one vmapped ``metalora.meta.optimize`` call per
+chunk of steps); at each evaluation step every identity samples its evaluation prompts with fixed seeds (the same
+initial noise for every method and step: common random numbers) and the probes score the samples. Metric
+formulas are in ``metalora.eval.metrics``; per (method, identity, seed, step) cell:
+
+* ``face_sim``: mean cosine of the samples' identity embeddings to the reference shot(s);
+* ``r_face_sim``: mean cosine to the identity's *held-out* photos (references excluded);
+* ``prompt_alignment``: attribute-probe accuracy on the attributes the prompts ask for (our CLIP-T);
+* ``pose_copying``: share of samples asked for another pose that show the reference's pose anyway;
+* ``diversity``: mean pairwise (1 − cosine) identity-embedding distance between the seeds of one prompt;
+* ``heldout_loss``: denoising loss on the held-out photos (fixed noise draws), the ``does it work`` measure.
+
+Aggregates (``aggregate``): mean ± 95% CI (Student t over identity × seed cells), Fréchet distance of the final
+samples' probe features to the held-out photos, and steps to reach a target R-FaceSim (default: the reference
+method's final value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalora.data import builders, protocol, world
+from metalora.eval import metrics as M
+from metalora.eval import probes as P
+from metalora.eval.methods import Method
+from metalora.meta.inner import InnerLoopConfig, inner_optimizer, optimize
+from metalora.meta.personalize import encode_shots
+from metalora.models import base_model as bm
+
+METRICS = ("face_sim", "r_face_sim", "prompt_alignment", "pose_copying", "diversity", "heldout_loss")
+HIGHER_IS_BETTER = {"face_sim": True, "r_face_sim": True, "prompt_alignment": True, "pose_copying": False,
+                    "diversity": True, "heldout_loss": False}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subjects: the protocol's test identities as stacked arrays
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def photo_caption(record: Mapping[str, Any], *, flipped: bool = False,
+                  identifier: str = world.DEFAULT_IDENTIFIER) -> str:
+    """The identifier caption of a photo (``a photo of sks person ...``); mirrored attributes when ``flipped``."""
+    attributes = json.loads(builders.decode_text(record["attributes_json"]) or "{}")
+    if flipped and attributes:
+        attributes = world.flip_attributes(attributes)
+    return world.make_caption(attributes, identifier=identifier)
+
+
+def shot_arrays(source, records: Sequence[int], tokenizer) -> dict[str, np.ndarray]:
+    """Images in [-1, 1] and token ids of the given records, plus the ids of the mirrored photos' captions."""
+    rows = [source[int(r)] for r in records]
+    images = np.stack([np.asarray(row["image"], np.float32) / 127.5 - 1.0 for row in rows])
+    return {"images": images,
+            "input_ids": tokenizer.tokenize([photo_caption(row) for row in rows]),
+            "input_ids_flipped": tokenizer.tokenize([photo_caption(row, flipped=True) for row in rows])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Subjects:
+    """S test identities, stacked: ``shots`` (S, k, ...), ``heldout`` (S, h, ...) with ``images`` in [-1, 1],
+    ``input_ids`` and ``context``; ``prompt_ids`` (S, N, L) for N = prompts × seeds_per_prompt samples."""
+
+    tests: tuple[protocol.TestIdentity, ...]
+    shots: dict[str, jax.Array]
+    heldout: dict[str, jax.Array]
+    prompt_ids: jax.Array
+    prompts: tuple[tuple[protocol.EvalPrompt, ...], ...]  # per subject, P prompts
+    seeds_per_prompt: int
+    reference_attributes: tuple[dict[str, str], ...]  # of each subject's first reference ({} on real photos)
+
+    @property
+    def count(self) -> int:
+        return len(self.tests)
+
+    @property
+    def identities(self) -> list[int]:
+        return [t.identity for t in self.tests]
+
+
+def load_subjects(model: bm.BaseModel, text_params: Any, source, tests: Sequence[protocol.TestIdentity], *,
+                  max_heldout: int = 8, seeds_per_prompt: int = 2, max_prompts: int | None = None) -> Subjects:
+    """Read and encode the shots, held-out photos and prompts of ``tests`` (a decoded tfds source of their split).
+
+    Subjects need the same number of prompts to be stacked: all keep the smallest count (≤ ``max_prompts``).
+    """
+    if not tests:
+        raise ValueError("load_subjects: no test identities")
+    num_prompts = min(len(t.prompts) for t in tests)
+    if max_prompts:
+        num_prompts = min(num_prompts, max_prompts)
+    if num_prompts == 0:
+        raise ValueError("load_subjects: a test identity has no evaluation prompts")
+    num_heldout = min(min(len(t.heldout) for t in tests), max_heldout)
+
+    def stack(dicts):
+        return {k: jnp.asarray(np.stack([d[k] for d in dicts])) for k in dicts[0]}
+
+    refs = stack([shot_arrays(source, t.references, model.tokenizer) for t in tests])
+    held = stack([shot_arrays(source, t.heldout[:num_heldout], model.tokenizer) for t in tests])
+    encode = jax.jit(jax.vmap(lambda s: encode_shots(model, text_params, s)))
+    shots = {**refs, **encode(refs)}
+    held = {**held, **encode(held)}
+    del held["input_ids_flipped"], held["context_flipped"]  # held-out photos are never flipped
+    prompts = tuple(tuple(t.prompts[:num_prompts]) for t in tests)
+    texts = [[p.text for p in ps for _ in range(seeds_per_prompt)] for ps in prompts]
+    prompt_ids = jnp.asarray(np.stack([model.tokenize(t) for t in texts]))
+    ref_attrs = []
+    for t in tests:
+        raw = builders.decode_text(source[int(t.references[0])]["attributes_json"])
+        ref_attrs.append(json.loads(raw) if raw else {})
+    return Subjects(tuple(tests), shots, held, prompt_ids, prompts, seeds_per_prompt, tuple(ref_attrs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapt + sample at each evaluation step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MethodRun:
+    """Everything one method × seed produced: per evaluation step the samples (S, N, H, W, C) in [0, 1] and the
+    held-out loss (S,); the inner-loop losses (S, steps); adaptation wall time per chunk (the first includes
+    compilation)."""
+
+    method: str
+    seed: int
+    steps: tuple[int, ...]
+    samples: dict[int, np.ndarray]
+    heldout_loss: dict[int, np.ndarray]
+    train_losses: np.ndarray
+    chunk_seconds: list[float]
+    chunk_steps: int
+    trainables: Any = None  # the adapted trainables at the last step, leading subject axis
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Adaptation seconds per step for all S subjects together, compile excluded (first chunk dropped)."""
+        timed = self.chunk_seconds[1:] or self.chunk_seconds
+        return float(np.mean(timed)) / self.chunk_steps if timed else float("nan")
+
+
+def chunk_size(eval_steps: Sequence[int]) -> int:
+    """The largest chunk that lands on every evaluation step (so one compiled chunk serves the whole run)."""
+    steps = sorted(set(int(s) for s in eval_steps))
+    if not steps or steps[0] < 0:
+        raise ValueError(f"evaluation steps must be non-negative, got {list(eval_steps)}")
+    diffs = [b - a for a, b in zip([0, *steps], steps) if b > a]
+    return math.gcd(*diffs) if diffs else 1
+
+
+def sampling_keys(seed: int, num_samples: int) -> jax.Array:
+    """Initial-noise keys of the N samples: the same for every method and step (common random numbers)."""
+    return jax.random.split(jax.random.key(seed + 1_000_003), num_samples)
+
+
+def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed: int, eval_steps: Sequence[int],
+               inner: InnerLoopConfig, num_inference_steps: int = 25, guidance_scale: float = 3.0,
+               heldout_repeats: int = 4, progress: Callable[[str], None] | None = None) -> MethodRun:
+    """Adapt all subjects with ``method`` (seed ``seed``) and sample/evaluate at every step of ``eval_steps``."""
+    steps = tuple(sorted(set(int(s) for s in eval_steps)))
+    chunk = chunk_size(steps)
+    config = dataclasses.replace(inner, steps=chunk)
+    s_count = subjects.count
+    k_init, k_adapt = jax.random.split(jax.random.key(seed))
+    trainables = jax.vmap(method.init)(jax.random.split(k_init, s_count))
+    adapt_keys = jax.random.split(k_adapt, s_count)
+    opt_state = jax.vmap(inner_optimizer(config).init)(trainables)
+
+    @jax.jit
+    def run_chunk(trainables, opt_state, start):
+        def one(t, st, shots, key):
+            return optimize(method.loss, t, shots, key, config, opt_state=st, start_step=start)
+        return jax.vmap(one)(trainables, opt_state, subjects.shots, adapt_keys)
+
+    heldout_keys = jax.random.split(jax.random.key(seed + 7), heldout_repeats)
+
+    @jax.jit
+    def heldout(trainables):
+        def one(t, photos):
+            return jnp.mean(jax.vmap(lambda k: method.eval_loss(t, photos, k))(heldout_keys))
+        return jax.vmap(one)(trainables, subjects.heldout)
+
+    keys = sampling_keys(seed, subjects.prompt_ids.shape[1])
+
+    @jax.jit
+    def sample(trainables):
+        def one(t, ids):
+            return bm.sample_from_ids(model, method.sampling_params(t), ids, keys,
+                                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        return jax.vmap(one)(trainables, subjects.prompt_ids)
+
+    samples, losses_at, train_losses, seconds = {}, {}, [], []
+    done = 0
+    for target in steps:
+        while done < target:
+            start = time.perf_counter()
+            trainables, losses, opt_state = run_chunk(trainables, opt_state, jnp.asarray(done, jnp.int32))
+            jax.block_until_ready(trainables)
+            seconds.append(time.perf_counter() - start)
+            train_losses.append(np.asarray(losses))
+            done += chunk
+        losses_at[target] = np.asarray(heldout(trainables))
+        samples[target] = np.asarray(sample(trainables))
+        if progress is not None:
+            progress(f"{method.name} seed {seed}: step {target}, held-out loss {losses_at[target].mean():.4f}")
+    train = np.concatenate(train_losses, axis=1) if train_losses else np.zeros((s_count, 0), np.float32)
+    return MethodRun(method.name, seed, steps, samples, losses_at, train, seconds, chunk, trainables)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_unit(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] photos → [0, 1] (the probes' input range)."""
+    return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjects, s: int) -> dict[str, float]:
+    """Metrics of one subject's N samples (prompt-major: prompt p's seeds are rows p·n … p·n + n − 1)."""
+    out: dict[str, float] = {}
+    if probes is None:
+        return out
+    encoder, classifier = probes.identity_encoder, probes.attribute_classifier
+    emb = P.embed(encoder, samples)
+    refs = P.embed(encoder, to_unit(subjects.shots["images"][s]))
+    held = P.embed(encoder, to_unit(subjects.heldout["images"][s]))
+    out["face_sim"] = float(M.face_sim_from_embeddings(emb, refs).mean())
+    out["r_face_sim"] = float(M.r_face_sim_from_embeddings(emb, held).mean())
+    n = subjects.seeds_per_prompt
+    if n >= 2:
+        out["diversity"] = float(np.mean([M.mean_pairwise_distance(emb[p * n:(p + 1) * n], "cosine")
+                                          for p in range(len(subjects.prompts[s]))]))
+    requested = [p.attributes for p in subjects.prompts[s] for _ in range(n)]
+    if any(requested):
+        out["prompt_alignment"] = float(P.prompt_alignment(classifier, samples, requested)["accuracy"])
+        ref_pose = subjects.reference_attributes[s].get("pose")
+        if ref_pose is not None:
+            asked = [r.get("pose") if r.get("pose") != ref_pose else None for r in requested]
+            if any(a is not None for a in asked):
+                out["pose_copying"] = float(P.pose_copying(classifier, samples, ref_pose, asked)["rate"])
+    return out
+
+
+def score_run(run: MethodRun, probes: P.Probes | None, subjects: Subjects) -> list[dict[str, Any]]:
+    """One record per (identity, step) of a method run: every metric and the identifiers of the cell."""
+    records = []
+    for step in run.steps:
+        for s, identity in enumerate(subjects.identities):
+            row = {"method": run.method, "identity": identity, "seed": run.seed, "step": step,
+                   "heldout_loss": float(run.heldout_loss[step][s])}
+            row |= score_subject(probes, run.samples[step][s], subjects, s)
+            records.append(row)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, int]:
+    """(mean, half-width of the Student-t confidence interval, n); half-width NaN for n < 2."""
+    from scipy import stats  # a dependency of jax
+
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+    n = len(x)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    if n == 1:
+        return float(x[0]), float("nan"), 1
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n)
+    return float(x.mean()), float(half), n
+
+
+def curves(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, dict[str, list[float]]]:
+    """{method: {"step": [...], "mean": [...], "ci": [...], "n": [...]}} of one metric over steps."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = [r for r in records if r["method"] == method and metric in r]
+        steps = sorted({r["step"] for r in rows})
+        c = {"step": [], "mean": [], "ci": [], "n": []}
+        for step in steps:
+            m, h, n = mean_ci([r[metric] for r in rows if r["step"] == step])
+            for k, v in zip(("step", "mean", "ci", "n"), (step, m, h, n)):
+                c[k].append(v)
+        out[method] = c
+    return out
+
+
+def steps_to_reach(curve: Mapping[str, Sequence[float]], target: float, higher_is_better: bool = True) -> int | None:
+    """First evaluation step whose mean reaches ``target`` (None if it never does)."""
+    for step, value in zip(curve["step"], curve["mean"]):
+        if (value >= target) if higher_is_better else (value <= target):
+            return int(step)
+    return None
+
+
+def aggregate(records: Sequence[Mapping[str, Any]], *, reference_method: str | None = None,
+              target_metric: str = "r_face_sim") -> dict[str, Any]:
+    """Per-method summary at the final step (mean ± CI), curves over steps, and steps to reach the target: the
+    reference method's final mean of ``target_metric`` (if the reference method and metric are present)."""
+    all_curves = {m: curves(records, m) for m in METRICS}
+    final = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        last = max(r["step"] for r in records if r["method"] == method)
+        rows = [r for r in records if r["method"] == method and r["step"] == last]
+        final[method] = {"step": last} | {m: mean_ci([r[m] for r in rows if m in r]) for m in METRICS
+                                           if any(m in r for r in rows)}
+    out: dict[str, Any] = {"final": final, "curves": all_curves}
+    ref_curve = all_curves.get(target_metric, {}).get(reference_method or "")
+    if ref_curve and ref_curve["mean"]:
+        target = ref_curve["mean"][-1]
+        higher = HIGHER_IS_BETTER[target_metric]
+        out["target"] = {"metric": target_metric, "reference_method": reference_method, "value": target,
+                         "steps": {m: steps_to_reach(c, target, higher)
+                                   for m, c in all_curves[target_metric].items()}}
+    return out
+
+
+def frechet_to_heldout(probes: P.Probes, samples: np.ndarray, subjects: Subjects) -> float:
+    """Fréchet distance between attribute-probe features of all final samples and of the held-out photos."""
+    real = to_unit(np.asarray(subjects.heldout["images"]).reshape(-1, *subjects.heldout["images"].shape[2:]))
+    fake = samples.reshape(-1, *samples.shape[2:])
+    return P.frechet_distance(P.probe_features(probes, fake), P.probe_features(probes, real))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(cell: Any, digits: int = 3) -> str:
+    if cell is None:
+        return "–"
+    if isinstance(cell, tuple):
+        m, h, _ = cell
+        if not np.isfinite(m):
+            return "–"
+        return f"{m:.{digits}f} ± {h:.{digits}f}" if np.isfinite(h) else f"{m:.{digits}f}"
+    if isinstance(cell, float):
+        return f"{cell:.{digits}g}"
+    return str(cell)
+
+
+def markdown_table(summary: Mapping[str, Any], extra: Mapping[str, Mapping[str, Any]],
+                   notes: Sequence[str] = ()) -> str:
+    """Final-step table (mean ± 95% CI over identity × seed cells) with per-method extras (params, timing, FD)."""
+    columns = [m for m in METRICS if any(m in f for f in summary["final"].values())]
+    extra_cols = list(dict.fromkeys(k for e in extra.values() for k in e))
+    header = ["method", "step", *columns, *extra_cols]
+    if "target" in summary:
+        header.append("steps to target")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, f in summary["final"].items():
+        cells = [method, str(f["step"]), *(_fmt(f.get(c)) for c in columns),
+                 *(_fmt(extra.get(method, {}).get(c)) for c in extra_cols)]
+        if "target" in summary:
+            cells.append(_fmt(summary["target"]["steps"].get(method)))
+        lines.append("| " + " | ".join(cells) + " |")
+    if "target" in summary:
+        t = summary["target"]
+        lines.append(f"\nSteps to target: first evaluated step whose mean {t['metric']} reaches "
+                     f"{t['value']:.4f}, the final value of `{t['reference_method']}` (– = never).")
+    lines += [f"\n{note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def curve_table(summary: Mapping[str, Any], metric: str) -> str:
+    """Markdown table of one metric (mean ± CI) per method (rows) and evaluation step (columns)."""
+    cs = summary["curves"].get(metric, {})
+    steps = sorted({s for c in cs.values() for s in c["step"]})
+    lines = [f"| {metric} | " + " | ".join(str(s) for s in steps) + " |", "|" + "---|" * (len(steps) + 1)]
+    for method, c in cs.items():
+        by_step = {s: (m, h, n) for s, m, h, n in zip(c["step"], c["mean"], c["ci"], c["n"])}
+        lines.append(f"| {method} | " + " | ".join(_fmt(by_step.get(s)) for s in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scatter(points: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, *, xlabel: str,
+                 ylabel: str, title: str | None = None):
+    """One colour per method; written atomically as PNG (Agg backend, no global pyplot state)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from metalora.train.io import atomic_write_bytes
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (x, y) in points.items():
+        ax.scatter(x, y, label=label, alpha=0.7, s=18)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())

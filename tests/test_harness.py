@@ -1,0 +1,201 @@
+"""Benchmark harness: the four methods (no-op at init, what each one trains), the chunked inner loop, the
+aggregation math, and the benchmark job end to end at smoke size (outputs, resume, stale-config refusal)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from configs import meta_phd_tiny
+from metalora.eval import benchmark
+from metalora.eval import harness as H
+from metalora.eval import methods as methods_lib
+from metalora.meta import InnerLoopConfig, diffusion_example_loss, optimize
+from metalora.meta.personalize import attach_adapters, lora_config, save_meta_down
+from metalora.models import base_model as bm
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, params = bm.load_base("random:smoke")
+    return model, params, diffusion_example_loss(model.schedule)
+
+
+@pytest.fixture(scope="module")
+def meta_down_dir(tiny, tmp_path_factory):
+    """A Meta-Down with random (non-zero) values, saved as experiments/meta_train.py would."""
+    model, params, _ = tiny
+    _, _, meta, _ = attach_adapters(model, params, lora_config("meta_lora", rank=4, mid_rank=4), jax.random.key(3))
+    folder = tmp_path_factory.mktemp("meta_down")
+    save_meta_down(folder, meta, {"test": True})
+    return folder
+
+
+def _batch(model, params, key, n=2, caption="a photo of sks person"):
+    images = jax.random.uniform(key, (n, *model.sample_shape), minval=-1.0, maxval=1.0)
+    ids = jnp.asarray(model.tokenize([caption] * n))
+    return {"images": images, "input_ids": ids, "context": bm.encode_text(model, params["text_encoder"], ids)}
+
+
+def _methods(tiny, meta_down_dir):
+    model, params, loss = tiny
+    key = jax.random.key(0)
+    return {
+        "meta_lora": methods_lib.lora_method("meta_lora", model, params, loss, rank=4, mid_rank=4,
+                                             meta_down=str(meta_down_dir), key=key),
+        "lora": methods_lib.lora_method("lora", model, params, loss, rank=4, key=key),
+        "dreambooth": methods_lib.dreambooth_method(model, params, loss),
+        "textual_inversion": methods_lib.textual_inversion_method(model, params, loss),
+    }
+
+
+def test_every_method_starts_at_the_base_model(tiny, meta_down_dir):
+    """At init each method computes the base model's loss (LoRA: U = 0; DreamBooth: the base weights; textual
+    inversion: only the identifier's embedding, set to the class word's, so 'sks person' reads 'person person')."""
+    model, params, loss = tiny
+    batch = _batch(model, params, jax.random.key(1))
+    key = jax.random.key(2)
+    base_loss = loss(nnx.merge(model.unet_def, params["unet"]), batch, key)
+    for name, method in _methods(tiny, meta_down_dir).items():
+        trainable = method.init(jax.random.key(5))
+        if name == "textual_inversion":
+            person = jnp.asarray(model.tokenize(["a photo of person person"] * 2))
+            expected = loss(nnx.merge(model.unet_def, params["unet"]),
+                            {**batch, "context": bm.encode_text(model, params["text_encoder"], person)}, key)
+        else:
+            expected = base_loss
+        np.testing.assert_allclose(method.loss(trainable, batch, key), expected, rtol=1e-5, err_msg=name)
+        sampled = method.sampling_params(trainable)
+        if name != "textual_inversion":
+            for a, b in zip(jax.tree.leaves(sampled["unet"]), jax.tree.leaves(params["unet"])):
+                np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
+
+
+def test_meta_lora_has_fewer_trainable_parameters_than_rank_matched_lora(tiny, meta_down_dir):
+    ms = _methods(tiny, meta_down_dir)
+    counts = {n: m.trainable_parameters for n, m in ms.items()}
+    assert counts["textual_inversion"] == tiny[0].config.text_encoder.hidden_size
+    assert counts["dreambooth"] == sum(x.size for x in jax.tree.leaves(tiny[1]["unet"]))
+    assert 0 < counts["meta_lora"] and 0 < counts["lora"] < counts["dreambooth"]
+    leaves = jax.tree.leaves(ms["lora"].init(jax.random.key(0)))
+    assert counts["lora"] == sum(x.size for x in leaves)
+
+
+def test_textual_inversion_changes_only_the_identifier_row(tiny):
+    model, params, loss = tiny
+    method = methods_lib.textual_inversion_method(model, params, loss)
+    shots = _batch(model, params, jax.random.key(4), n=2)
+    config = InnerLoopConfig(steps=3, learning_rate=0.1, batch_size=2, flip=False)
+    row, losses, _ = optimize(method.loss, method.init(jax.random.key(0)), shots, jax.random.key(1), config)
+    assert np.isfinite(losses).all()
+    new_table = methods_lib._token_table(method.sampling_params(row)["text_encoder"])
+    old_table = methods_lib._token_table(params["text_encoder"])
+    changed = np.flatnonzero(np.any(np.asarray(new_table) != np.asarray(old_table), axis=1))
+    assert changed.tolist() == [model.tokenizer.token_to_id("sks")]
+
+
+def test_dreambooth_prior_preservation_adds_the_class_loss(tiny):
+    model, params, loss = tiny
+    prior = _batch(model, params, jax.random.key(9), n=1, caption="a photo of person")
+    plain = methods_lib.dreambooth_method(model, params, loss)
+    with_prior = methods_lib.dreambooth_method(model, params, loss, prior_images=prior["images"],
+                                               prior_context=prior["context"], prior_weight=0.5)
+    batch, key = _batch(model, params, jax.random.key(1)), jax.random.key(2)
+    unet = plain.init(key)
+    k_noise = jax.random.split(jax.random.fold_in(key, 1))[1]
+    expected = plain.loss(unet, batch, key) + 0.5 * loss(nnx.merge(model.unet_def, unet), prior, k_noise)
+    np.testing.assert_allclose(with_prior.loss(unet, batch, key), expected, rtol=1e-6)
+    # the held-out evaluation measures the subject only
+    np.testing.assert_allclose(with_prior.eval_loss(unet, batch, key), plain.loss(unet, batch, key), rtol=1e-6)
+
+
+def test_chunked_optimize_equals_one_run(tiny, meta_down_dir):
+    """run_method evaluates between chunks: chunks continuing the optimiser state must equal one long scan."""
+    model, params, _ = tiny
+    method = _methods(tiny, meta_down_dir)["meta_lora"]
+    shots = _batch(model, params, jax.random.key(4), n=3)
+    config = InnerLoopConfig(steps=4, learning_rate=1e-2, batch_size=2, flip=True, max_shift=1)
+    start = method.init(jax.random.key(0))
+    once, losses_once, _ = optimize(method.loss, start, shots, jax.random.key(1), config)
+    half = InnerLoopConfig(steps=2, learning_rate=1e-2, batch_size=2, flip=True, max_shift=1)
+    p, l1, state = optimize(method.loss, start, shots, jax.random.key(1), half)
+    p, l2, _ = optimize(method.loss, p, shots, jax.random.key(1), half, opt_state=state, start_step=2)
+    np.testing.assert_allclose(np.concatenate([l1, l2]), losses_once, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(once)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunk_size_lands_on_every_evaluation_step():
+    assert H.chunk_size((0, 25, 50, 100, 200, 400)) == 25
+    assert H.chunk_size((0, 30, 100)) == 10
+    assert H.chunk_size((0,)) == 1
+    with pytest.raises(ValueError):
+        H.chunk_size((-1, 5))
+
+
+def test_mean_ci_is_the_student_t_interval():
+    x = [0.2, 0.5, 0.4, 0.9]
+    m, h, n = H.mean_ci(x)
+    assert n == 4 and m == pytest.approx(0.5)
+    assert h == pytest.approx(stats.t.ppf(0.975, 3) * np.std(x, ddof=1) / 2.0)
+    assert np.isnan(H.mean_ci([1.0])[1]) and H.mean_ci([])[2] == 0
+
+
+def test_aggregate_steps_to_target():
+    records = []
+    for identity in (0, 1):
+        for step, a, b in ((0, 0.1, 0.1), (10, 0.5, 0.3), (20, 0.6, 0.5), (40, 0.6, 0.55)):
+            records.append({"method": "meta_lora", "identity": identity, "seed": 0, "step": step, "r_face_sim": a,
+                            "heldout_loss": 1 - a})
+            records.append({"method": "lora", "identity": identity, "seed": 0, "step": step, "r_face_sim": b,
+                            "heldout_loss": 1 - b})
+    summary = H.aggregate(records, reference_method="lora")
+    assert summary["target"]["value"] == pytest.approx(0.55)
+    assert summary["target"]["steps"] == {"meta_lora": 20, "lora": 40}
+    assert summary["final"]["meta_lora"]["r_face_sim"][0] == pytest.approx(0.6)
+    table = H.markdown_table(summary, {"lora": {"params": 5}})
+    assert "| meta_lora | 40 |" in table and "0.600" in table
+
+
+@pytest.fixture(scope="module")
+def smoke_run(meta_down_dir, tmp_path_factory):
+    config = meta_phd_tiny.get_config("smoke")
+    config.method.meta_lora.meta_down = str(meta_down_dir)
+    config.export = True
+    workdir = tmp_path_factory.mktemp("meta_phd")
+    return config, workdir, benchmark.run(config, workdir, log=lambda s: None)
+
+
+def test_benchmark_smoke_writes_every_output(smoke_run):
+    config, workdir, out = smoke_run
+    for name in ("results.json", "table.md", "heldout_loss_vs_steps.png", "grid.png"):
+        assert (workdir / name).is_file(), name
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["methods"]) == set(config.methods)
+    cells = {(r["method"], r["identity"], r["step"]) for r in results["records"]}
+    assert len(cells) == len(config.methods) * 2 * len(config.adapt.eval_steps) == len(results["records"])
+    assert all(np.isfinite(r["heldout_loss"]) for r in results["records"])
+    for method in ("meta_lora", "lora"):  # exported LoRA files, one per subject
+        assert len(out["exports"][method]) == 2
+        assert all((p := __import__("pathlib").Path(f)).is_file() and p.suffix == ".safetensors"
+                   for f in out["exports"][method])
+    table = (workdir / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in config.methods)
+
+
+def test_benchmark_resumes_and_refuses_stale_cells(smoke_run):
+    config, workdir, out = smoke_run
+    logs = []
+    again = benchmark.run(config, workdir, log=logs.append)
+    assert sum("done earlier" in line for line in logs) == len(config.methods)
+    assert again["records"] == out["records"]
+    changed = meta_phd_tiny.get_config("smoke")
+    changed.method.meta_lora.meta_down = config.method.meta_lora.meta_down
+    changed.export = True
+    changed.adapt.batch_size = 2
+    with pytest.raises(ValueError, match="another config"):
+        benchmark.run(changed, workdir, log=lambda s: None)
