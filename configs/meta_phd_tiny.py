@@ -7,7 +7,8 @@
 ``assets/meta_down_tiny``, made by ``experiments/meta_train.py`` with ``configs/meta_lora_tiny.py``). A tuple of
 learning rates under ``method.<name>.learning_rate`` runs a sweep (variants ``<name>@lr=<value>``).
 
-Arguments: ``""`` (default), ``"smoke"`` (random tiny base, a few steps, the ``smoke`` dataset, no probes).
+Arguments: ``""`` (default), ``"study"`` (the does-it-work study: Meta-LoRA vs LoRA, held-out loss vs steps, an LR
+sweep of 3 each), ``"smoke"`` (random tiny base, a few steps, the ``smoke`` dataset, no probes).
 """
 
 import ml_collections
@@ -18,8 +19,8 @@ DEFAULT_META_DOWN = "assets/meta_down_tiny"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in ("", "smoke"):
-        raise ValueError(f"configs/meta_phd_tiny.py: unknown argument {arg!r}; use '' or 'smoke'")
+    if arg not in ("", "smoke", "study"):
+        raise ValueError(f"configs/meta_phd_tiny.py: unknown argument {arg!r}; use '', 'smoke' or 'study'")
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.seed = 0  # protocol seed: which photos are references / held out, which prompts
@@ -72,6 +73,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sample.num_inference_steps = 25
     c.sample.guidance_scale = 3.0
     c.sample.seeds_per_prompt = 2
+    c.sample.at = "all"  # sample at "all" evaluation steps, the "final" one, or "none" (held-out loss only)
 
     c.probes = "r32"  # name or folder of the evaluation probes ("" = none: held-out loss only)
 
@@ -84,6 +86,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.report.title = "Meta-PHD-style benchmark (procedural world)"
     c.report.grid_identities = 3
 
+    if arg == "study":  # "does it work": held-out loss vs steps, Meta-LoRA vs LoRA, an LR sweep of 3 for each
+        c.methods = ("meta_lora", "lora")
+        c.method.meta_lora.learning_rate = (1e-3, 3e-3, 1e-2)
+        c.method.lora.learning_rate = (1e-3, 3e-3, 1e-2)
+        c.adapt.eval_steps = (0, 25, 50, 100, 150, 200, 300)
+        c.adapt.batch_size = 2
+        c.sample.at = "final"
+        c.eval.target_metric = "heldout_loss"
+        c.report.title = "Does it work? Held-out denoising loss vs adaptation steps, Meta-LoRA vs LoRA"
     if smoke:
         c.seeds = (0,)
         c.base.path = "random:smoke"

@@ -199,3 +199,14 @@ def test_benchmark_resumes_and_refuses_stale_cells(smoke_run):
     changed.adapt.batch_size = 2
     with pytest.raises(ValueError, match="another config"):
         benchmark.run(changed, workdir, log=lambda s: None)
+
+
+def test_quickstart_reports_a_user_mistake_in_one_line(tmp_path, capsys):
+    from experiments import quickstart
+
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.cli(["--config", "configs/quickstart.py:smoke", "--workdir", str(tmp_path),
+                        "--config.base.path", str(tmp_path / "no_such_base")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "no_such_base" in err[0]

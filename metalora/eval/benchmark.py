@@ -164,7 +164,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                       inner=dataclasses.replace(inner, learning_rate=lr),
                                       num_inference_steps=config.sample.num_inference_steps,
                                       guidance_scale=config.sample.guidance_scale,
-                                      heldout_repeats=config.eval.heldout_repeats, progress=log)
+                                      heldout_repeats=config.eval.heldout_repeats,
+                                      sample_steps=_sample_steps(config), progress=log)
                 cell_records = [r | {"method": variant} for r in H.score_run(result, probes, subjects)]
                 cell = {"fingerprint": fingerprint, "variant": variant, "seed": seed, "records": cell_records,
                         "seconds_per_step": result.seconds_per_step, "first_chunk_seconds": result.chunk_seconds[0]
@@ -176,9 +177,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                                          workdir / "exports" / variant / f"seed{seed}"
                                                          / f"subject_{identity}"))
                                        for s, identity in enumerate(subjects.identities)]
-                _save_cell(workdir, variant, seed, cell, {k: v for k, v in result.samples.items()
-                                                          if k == max(result.steps)})
-                cell["samples"] = {max(result.steps): result.samples[max(result.steps)]}
+                last = {k: v for k, v in result.samples.items() if k == max(result.steps)}
+                _save_cell(workdir, variant, seed, cell, last)
+                cell["samples"] = last
             else:
                 log(f"{variant} seed {seed}: done earlier, loaded from {workdir / 'cells'}")
                 cell["samples"] = {k: v.astype(np.float32) / 255.0 for k, v in cell["samples"].items()}
@@ -186,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             info[variant].setdefault("seconds_per_step_all_subjects", []).append(cell["seconds_per_step"])
             info[variant].setdefault("cell_seconds", []).append(cell["cell_seconds"])
             exports.setdefault(variant, []).extend(cell.get("exports", []))
-            final_samples.setdefault(variant, []).append(next(iter(cell["samples"].values())))
+            if cell["samples"]:
+                final_samples.setdefault(variant, []).append(next(iter(cell["samples"].values())))
     reference = _reference_variant(records, config.eval.reference_method, config.eval.target_metric)
     summary = H.aggregate(records, reference_method=reference, target_metric=config.eval.target_metric)
     if probes is not None:
@@ -199,6 +201,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     log(out["table"])
     log(f"results: {workdir}")
     return out
+
+
+def _sample_steps(config) -> tuple[int, ...] | None:
+    """``config.sample.at``: "all" evaluation steps, only the "final" one, or "none" (held-out loss only)."""
+    at = config.sample.at
+    if at == "all":
+        return None
+    if at == "final":
+        return (max(config.adapt.eval_steps),)
+    if at == "none":
+        return ()
+    raise ValueError(f"config.sample.at={at!r}; choose 'all', 'final' or 'none'")
 
 
 def _json_default(x):
@@ -276,7 +290,8 @@ def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequenc
                    [r["r_face_sim"] for r in rows if "prompt_alignment" in r]) for m, rows in finals.items()}
         plots["scatter"] = str(H.plot_scatter(pts, workdir / "rfacesim_vs_alignment.png", xlabel="prompt alignment",
                                               ylabel="R-FaceSim", title="identity vs prompt (final step)"))
-    plots["grid"] = str(image_grid(workdir / "grid.png", subjects, final_samples, config.report.grid_identities))
+    if final_samples:
+        plots["grid"] = str(image_grid(workdir / "grid.png", subjects, final_samples, config.report.grid_identities))
     return {"format": RESULTS_FORMAT, "config": config_to_dict(config), "fingerprint": config_fingerprint(config),
             "identities": subjects.identities, "prompts": [[p.text for p in ps] for ps in subjects.prompts],
             "methods": dict(info), "summary": summary, "records": list(records), "table": table, "plots": plots,

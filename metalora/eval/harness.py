@@ -166,8 +166,10 @@ def sampling_keys(seed: int, num_samples: int) -> jax.Array:
 
 def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed: int, eval_steps: Sequence[int],
                inner: InnerLoopConfig, num_inference_steps: int = 25, guidance_scale: float = 3.0,
-               heldout_repeats: int = 4, progress: Callable[[str], None] | None = None) -> MethodRun:
-    """Adapt all subjects with ``method`` (seed ``seed``) and sample/evaluate at every step of ``eval_steps``."""
+               heldout_repeats: int = 4, sample_steps: Sequence[int] | None = None,
+               progress: Callable[[str], None] | None = None) -> MethodRun:
+    """Adapt all subjects with ``method`` (seed ``seed``); at every step of ``eval_steps`` measure the held-out
+    loss and, at the steps of ``sample_steps`` (None = all evaluation steps), sample the evaluation prompts."""
     steps = tuple(sorted(set(int(s) for s in eval_steps)))
     chunk = chunk_size(steps)
     config = dataclasses.replace(inner, steps=chunk)
@@ -211,7 +213,8 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
             train_losses.append(np.asarray(losses))
             done += chunk
         losses_at[target] = np.asarray(heldout(trainables))
-        samples[target] = np.asarray(sample(trainables))
+        if sample_steps is None or target in sample_steps:
+            samples[target] = np.asarray(sample(trainables))
         if progress is not None:
             progress(f"{method.name} seed {seed}: step {target}, held-out loss {losses_at[target].mean():.4f}")
     train = np.concatenate(train_losses, axis=1) if train_losses else np.zeros((s_count, 0), np.float32)
@@ -261,7 +264,8 @@ def score_run(run: MethodRun, probes: P.Probes | None, subjects: Subjects) -> li
         for s, identity in enumerate(subjects.identities):
             row = {"method": run.method, "identity": identity, "seed": run.seed, "step": step,
                    "heldout_loss": float(run.heldout_loss[step][s])}
-            row |= score_subject(probes, run.samples[step][s], subjects, s)
+            if step in run.samples:
+                row |= score_subject(probes, run.samples[step][s], subjects, s)
             records.append(row)
     return records
 
