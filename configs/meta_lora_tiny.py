@@ -33,6 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.meta.algorithm = "joint"  # joint | reptile | fomaml | maml
     c.meta.num_heads = 1000  # joint: head table rows (identity i uses row i % num_heads)
     c.meta.identities_per_step = 8
+    c.meta.num_identities = 0  # meta-train on the first N identities of the split (0 = all 1000)
     c.meta.shots = 2  # support shots per identity
     c.meta.query_shots = 1  # (fo)maml only
     c.meta.inner_steps = 4  # reptile / (fo)maml inner loop

@@ -51,6 +51,7 @@ def make_batches(config: ml_collections.ConfigDict, model: bm.BaseModel, *, with
     builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))
     sampler = episodes.make_sampler(builder, d.split, identities_per_step=m.identities_per_step, shots=m.shots,
                                     query_shots=m.query_shots if with_query else 0, seed=config.seed,
+                                    max_identities=m.num_identities,
                                     augment=episodes.Augment(pad_fraction=d.pad_fraction, flip_prob=d.flip_prob))
     return EpisodeBatches(sampler.iterator(num_threads=d.num_threads), model.tokenizer, with_query=with_query)
 

@@ -221,10 +221,16 @@ def make_sampler(
     query_shots: int = 0,
     seed: int = 0,
     augment: Augment = Augment(),
+    max_identities: int = 0,
 ) -> EpisodeSampler:
     """Sampler over a prepared (or preparable) tfds builder's split; the identity index is read without decoding
-    images."""
+    images. ``max_identities > 0`` keeps only the first that many identities (by id): the number-of-identities
+    ablation of meta-training."""
     index = builders.identity_index(builders.data_source(builder, split, decode_images=False))
+    if max_identities > 0:
+        if max_identities < identities_per_step:
+            raise ValueError(f"max_identities={max_identities} < identities_per_step={identities_per_step}")
+        index = {k: index[k] for k in sorted(index)[:max_identities]}
     return EpisodeSampler(
         builders.data_source(builder, split),
         index,
