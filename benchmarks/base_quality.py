@@ -31,9 +31,11 @@ from metalora.train.io import atomic_write_text, save_image_grid
 
 
 def real_test_photos(resolution: int, n: int) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
-    """``n`` test photos spread over identities (every 5th record), their captions and attributes."""
+    """``n`` test photos spread evenly over the split (so over identities), their captions and attributes."""
     source = builders.data_source(builders.synth_builder(f"r{resolution}"), "test")
-    rows = [source[i] for i in range(0, 5 * n, 5)]
+    if not 0 < n <= len(source):
+        raise ValueError(f"--n must be in [1, {len(source)}] (the test split's size), got {n}")
+    rows = [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round()]
     images = np.stack([np.asarray(r["image"], np.float32) / 255.0 for r in rows])
     captions = [builders.decode_text(r["caption"]) for r in rows]
     attributes = [json.loads(builders.decode_text(r["attributes_json"])) for r in rows]

@@ -98,6 +98,7 @@ def _sample_fn(model: bm.BaseModel, config: ml_collections.ConfigDict):
     def fn(state: TrainState, step: int) -> np.ndarray:
         del step
         params = state.ema_params if state.ema_params is not None else state.params
+        params = {**(state.frozen or {}), **params}
         return bm.sample_from_ids(model, params, ids, keys, num_inference_steps=s.num_inference_steps,
                                   guidance_scale=s.guidance_scale)
 
@@ -111,7 +112,11 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     opt_config = _optimizer_config(config)
     optimizer = make_optimizer(opt_config)
     params = bm.init_base_params(model, jax.random.key(config.seed))
-    state = create_train_state(params, optimizer, ema=t.ema_decay > 0)
+    if t.train_text_encoder:
+        state = create_train_state(params, optimizer, ema=t.ema_decay > 0)
+    else:  # the text tower stays at its (random) init, like SD's frozen CLIP: see configs/base_tiny.py for why
+        state = create_train_state({"unet": params["unet"]}, optimizer, ema=t.ema_decay > 0,
+                                   frozen={"text_encoder": params["text_encoder"]})
     loss_fn = functools.partial(_loss, model, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None)
     step_fn = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay or None,
                               lr_schedule=make_lr_schedule(opt_config))
@@ -134,6 +139,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
                "final_metrics": metrics, "finished": last == t.steps}
     if last == t.steps:
         final = state.ema_params if state.ema_params is not None else state.params
+        final = {**(state.frozen or {}), **final}
         bm.save_base_model(workdir / "base_model", model, final, weights_dtype=config.export.weights_dtype,
                            extra={"seed": config.seed, "steps": t.steps, "config": config_to_dict(config)})
         results["base_model"] = str(workdir / "base_model")
@@ -142,8 +148,9 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
 
 
 def _loss(model, params, frozen, batch, key, *, cond_drop_prob, min_snr_gamma):
-    del frozen  # everything trains during base pretraining
-    return bm.base_loss(model, params, batch, key, cond_drop_prob=cond_drop_prob, min_snr_gamma=min_snr_gamma)
+    # frozen holds the text encoder when it is not trained; otherwise everything trains
+    return bm.base_loss(model, {**(frozen or {}), **params}, batch, key, cond_drop_prob=cond_drop_prob,
+                        min_snr_gamma=min_snr_gamma)
 
 
 if __name__ == "__main__":
