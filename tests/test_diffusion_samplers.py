@@ -78,7 +78,12 @@ def test_ddim_step_matches_diffusers(case, eta):
             exact = np.sqrt(a_prev) * np.asarray(x0) + np.sqrt(1 - a_prev) * z
             np.testing.assert_allclose(np.asarray(prev), exact, **TOL)
             tol = dict(rtol=0, atol=1e-3)
-        np.testing.assert_allclose(np.asarray(prev), expected.prev_sample.numpy(), **tol, err_msg=f"t={t}")
+            if not np.isfinite(expected.prev_sample.numpy()).all():
+                # The rounding can also go below 0: diffusers then takes sqrt of a negative number and returns NaN
+                # (seen with torch 2.13 CPU). Only the exact value above is meaningful at this step.
+                tol = None
+        if tol is not None:
+            np.testing.assert_allclose(np.asarray(prev), expected.prev_sample.numpy(), **tol, err_msg=f"t={t}")
         np.testing.assert_allclose(np.asarray(x0), expected.pred_original_sample.numpy(), **TOL, err_msg=f"t={t}")
 
 
