@@ -88,8 +88,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if arg == "study":  # "does it work": held-out loss vs steps, Meta-LoRA vs LoRA, an LR sweep of 3 for each
         c.methods = ("meta_lora", "lora")
-        c.method.meta_lora.learning_rate = (1e-3, 3e-3, 1e-2)
-        c.method.lora.learning_rate = (1e-3, 3e-3, 1e-2)
+        sweep = (1e-3, 3e-3, 1e-2)
+        # new sections: a field that holds a float cannot be overridden with a tuple
+        c.method.meta_lora = ml_collections.ConfigDict({"learning_rate": sweep, "meta_down": DEFAULT_META_DOWN})
+        c.method.lora = ml_collections.ConfigDict({"learning_rate": sweep})
         c.adapt.eval_steps = (0, 25, 50, 100, 150, 200, 300)
         c.adapt.batch_size = 2
         c.sample.at = "final"

@@ -210,3 +210,10 @@ def test_quickstart_reports_a_user_mistake_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "no_such_base" in err[0]
+
+
+def test_every_benchmark_config_variant_builds_its_method_list():
+    assert [v for v, _, _ in benchmark.variants(meta_phd_tiny.get_config("study"))] == [
+        "meta_lora@lr=0.001", "meta_lora@lr=0.003", "meta_lora@lr=0.01",
+        "lora@lr=0.001", "lora@lr=0.003", "lora@lr=0.01"]
+    assert [v for v, _, _ in benchmark.variants(meta_phd_tiny.get_config(""))] == list(methods_lib.METHODS)
