@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 
 from metalora.config_utils import config_to_dict
 from metalora.data import builders, protocol
@@ -152,7 +153,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                             max_shift=a.max_shift)
     fingerprint = config_fingerprint(config)
     records, info, final_samples, exports = [], {}, {}, {}
-    for variant, name, lr in variants(config):
+    all_variants = variants(config)
+    # One bar over every (variant, seed, evaluation step); the harness reports each evaluation through ``advance``.
+    bar = tqdm.tqdm(total=len(all_variants) * len(config.seeds) * len(set(a.eval_steps)), desc="adapt + evaluate",
+                    disable=not config.get("progress", True))
+
+    def advance(message: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(message, refresh=False)
+        log(message)
+
+    for variant, name, lr in all_variants:
         method = build_method(name, config, model, params, workdir)
         info[variant] = {"method": name, "learning_rate": lr, "trainable_parameters": method.trainable_parameters,
                          **{k: v for k, v in method.info.items() if k != "meta_down_info"}}
@@ -165,7 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                       num_inference_steps=config.sample.num_inference_steps,
                                       guidance_scale=config.sample.guidance_scale,
                                       heldout_repeats=config.eval.heldout_repeats,
-                                      sample_steps=_sample_steps(config), progress=log)
+                                      sample_steps=_sample_steps(config), progress=advance)
                 cell_records = [r | {"method": variant} for r in H.score_run(result, probes, subjects)]
                 cell = {"fingerprint": fingerprint, "variant": variant, "seed": seed, "records": cell_records,
                         "seconds_per_step": result.seconds_per_step, "first_chunk_seconds": result.chunk_seconds[0]
@@ -181,6 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 _save_cell(workdir, variant, seed, cell, last)
                 cell["samples"] = last
             else:
+                bar.update(len(set(a.eval_steps)))
                 log(f"{variant} seed {seed}: done earlier, loaded from {workdir / 'cells'}")
                 cell["samples"] = {k: v.astype(np.float32) / 255.0 for k, v in cell["samples"].items()}
             records += cell["records"]
@@ -189,6 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             exports.setdefault(variant, []).extend(cell.get("exports", []))
             if cell["samples"]:
                 final_samples.setdefault(variant, []).append(next(iter(cell["samples"].values())))
+    bar.close()
     reference = _reference_variant(records, config.eval.reference_method, config.eval.target_metric)
     summary = H.aggregate(records, reference_method=reference, target_metric=config.eval.target_metric)
     if probes is not None:
