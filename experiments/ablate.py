@@ -103,7 +103,7 @@ def markdown(grid: Sequence[tuple[str, Sequence[Any]]], rows: Sequence[Mapping[s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells_ = [str(r["cell"][k]) for k in keys] + [r["method"], f"{r['trainable_parameters']:,}"]
-        cells_ += [H._fmt(tuple(r[m])) if m in r else "–" for m in metrics]
+        cells_ += [H.format_cell(tuple(r[m])) if m in r else "–" for m in metrics]
         cells_.append(str(r.get("steps_to_target", "–")))
         lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines) + "\n"

@@ -346,7 +346,7 @@ def frechet_to_heldout(probes: P.Probes, samples: np.ndarray, subjects: Subjects
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(cell: Any, digits: int = 3) -> str:
+def format_cell(cell: Any, digits: int = 3) -> str:
     if cell is None:
         return "–"
     if isinstance(cell, tuple):
@@ -369,10 +369,10 @@ def markdown_table(summary: Mapping[str, Any], extra: Mapping[str, Mapping[str, 
         header.append("steps to target")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, f in summary["final"].items():
-        cells = [method, str(f["step"]), *(_fmt(f.get(c)) for c in columns),
-                 *(_fmt(extra.get(method, {}).get(c)) for c in extra_cols)]
+        cells = [method, str(f["step"]), *(format_cell(f.get(c)) for c in columns),
+                 *(format_cell(extra.get(method, {}).get(c)) for c in extra_cols)]
         if "target" in summary:
-            cells.append(_fmt(summary["target"]["steps"].get(method)))
+            cells.append(format_cell(summary["target"]["steps"].get(method)))
         lines.append("| " + " | ".join(cells) + " |")
     if "target" in summary:
         t = summary["target"]
@@ -389,7 +389,7 @@ def curve_table(summary: Mapping[str, Any], metric: str) -> str:
     lines = [f"| {metric} | " + " | ".join(str(s) for s in steps) + " |", "|" + "---|" * (len(steps) + 1)]
     for method, c in cs.items():
         by_step = {s: (m, h, n) for s, m, h, n in zip(c["step"], c["mean"], c["ci"], c["n"])}
-        lines.append(f"| {method} | " + " | ".join(_fmt(by_step.get(s)) for s in steps) + " |")
+        lines.append(f"| {method} | " + " | ".join(format_cell(by_step.get(s)) for s in steps) + " |")
     return "\n".join(lines) + "\n"
 
 
