@@ -353,6 +353,8 @@ def format_cell(cell: Any, digits: int = 3) -> str:
         m, h, _ = cell
         if not np.isfinite(m):
             return "–"
+        if 0 < abs(m) < 0.1:  # small quantities (held-out losses ~0.03) differ in the fourth decimal
+            digits += 1
         return f"{m:.{digits}f} ± {h:.{digits}f}" if np.isfinite(h) else f"{m:.{digits}f}"
     if isinstance(cell, float):
         return f"{cell:.{digits}g}"
