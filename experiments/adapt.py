@@ -25,7 +25,7 @@ import numpy as np
 from experiments.meta_train import adapter_config, load_base
 from metalora.config_utils import run_cli
 from metalora.data import builders, protocol
-from metalora.eval.harness import shot_arrays
+from metalora.eval.harness import shot_arrays, stack_shots
 from metalora.export import export_diffusers
 from metalora.lora import merge_roles, merged_params
 from metalora.meta import InnerLoopConfig, adapt_subjects, diffusion_example_loss, heldout_loss
@@ -35,10 +35,6 @@ from metalora.train import save_image_grid
 from metalora.train.io import atomic_write_text
 
 MAX_HELDOUT = 8
-
-
-def _stack(dicts: list[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
-    return {k: jnp.asarray(np.stack([d[k] for d in dicts])) for k in dicts[0]}
 
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
@@ -65,8 +61,8 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
         meta_info = None
 
     text = base_params["text_encoder"]
-    refs = _stack([shot_arrays(source, t.references, model.tokenizer) for t in chosen])
-    held = _stack([shot_arrays(source, t.heldout[:MAX_HELDOUT], model.tokenizer) for t in chosen])
+    refs = stack_shots([shot_arrays(source, t.references, model.tokenizer) for t in chosen])
+    held = stack_shots([shot_arrays(source, t.heldout[:MAX_HELDOUT], model.tokenizer) for t in chosen])
     ref_shots = jax.vmap(lambda s: encode_shots(model, text, s))(refs)
     held_shots = jax.vmap(lambda s: encode_shots(model, text, s))(held)
 

@@ -66,6 +66,11 @@ def shot_arrays(source, records: Sequence[int], tokenizer) -> dict[str, np.ndarr
             "input_ids_flipped": tokenizer.tokenize([photo_caption(row, flipped=True) for row in rows])}
 
 
+def stack_shots(dicts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, jax.Array]:
+    """Per-subject shot dicts → one dict of arrays with a leading subject axis."""
+    return {k: jnp.asarray(np.stack([d[k] for d in dicts])) for k in dicts[0]}
+
+
 @dataclasses.dataclass(frozen=True)
 class Subjects:
     """S test identities, stacked: ``shots`` (S, k, ...), ``heldout`` (S, h, ...) with ``images`` in [-1, 1],
@@ -103,11 +108,8 @@ def load_subjects(model: bm.BaseModel, text_params: Any, source, tests: Sequence
         raise ValueError("load_subjects: a test identity has no evaluation prompts")
     num_heldout = min(min(len(t.heldout) for t in tests), max_heldout)
 
-    def stack(dicts):
-        return {k: jnp.asarray(np.stack([d[k] for d in dicts])) for k in dicts[0]}
-
-    refs = stack([shot_arrays(source, t.references, model.tokenizer) for t in tests])
-    held = stack([shot_arrays(source, t.heldout[:num_heldout], model.tokenizer) for t in tests])
+    refs = stack_shots([shot_arrays(source, t.references, model.tokenizer) for t in tests])
+    held = stack_shots([shot_arrays(source, t.heldout[:num_heldout], model.tokenizer) for t in tests])
     encode = jax.jit(jax.vmap(lambda s: encode_shots(model, text_params, s)))
     shots = {**refs, **encode(refs)}
     held = {**held, **encode(held)}
