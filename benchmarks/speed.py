@@ -1,14 +1,20 @@
 """Speed benchmarks against diffusers + PEFT (PyTorch), side by side in one run on the same machine.
 
     python -m benchmarks.speed --out runs/speed.json [--threads 2] [--batch 8] [--size 32] [--repeats 5]
+                               [--sections attention,lora_step,sampling,efficiency] [--sample-steps 25]
 
 Sections (each prints a Markdown table; all numbers go to the JSON):
 
 * ``attention``: one self-attention call (B, L tokens, H heads of D dims), forward and forward+backward, for our
   backends and torch's fused ``scaled_dot_product_attention``.
 * ``lora_step``: a LoRA adaptation training step (forward, backward w.r.t. the LoRA factors only, AdamW) of the
-  same UNet config, batch, targets and rank in metalora (jit, donated state) and in diffusers + PEFT (eager, and
+  same UNet config, batch, targets and rank in metalora (one jitted step) and in diffusers + PEFT (eager, and
   ``torch.compile`` with ``--compile``).
+* ``sampling``: DDIM (``--sample-steps``, default 25) with classifier-free guidance (scale 3), images/s, of the
+  same UNet config and the same weights in our jitted sampler and in the diffusers pipeline loop (``DDIMScheduler``,
+  cond + uncond batched); the max abs difference of the two images from the same noise is reported as a check.
+* ``efficiency``: our LoRA training step's FLOPs (XLA cost analysis) per measured second, as a fraction of this
+  machine's measured f32 matmul FLOP/s.
 
 Timings exclude compilation (one warm-up call) and report the median of ``--repeats`` runs. torch gets
 ``--threads`` intra-op threads (default: all cores, as XLA's CPU client uses). The machine and its load average
@@ -76,28 +82,33 @@ def bench_attention(args) -> list[dict]:
     return rows
 
 
-def bench_lora_step(args) -> list[dict]:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    import torch
-    from diffusers import UNet2DConditionModel as TorchUNet
-    from flax import nnx
-    from peft import LoraConfig
+CONTEXT_TOKENS = 8  # text tokens the UNet cross-attends to (kept small: the UNet is small too)
 
-    from metalora.lora import LoRAConfig, inject, merge_roles, split_roles, take_heads
-    from metalora.models.unet import UNet2DConditionModel, UNetConfig, count_params
+
+def _lora_inputs(args):
+    """NCHW images, timesteps and text context for one LoRA step, as numpy (each side converts its own)."""
+    import numpy as np
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, SMALL_UNET["in_channels"], args.size, args.size), dtype=np.float32)
     t = rng.integers(0, 1000, args.batch).astype(np.float32)
-    ctx = rng.standard_normal((args.batch, 8, SMALL_UNET["cross_attention_dim"]), dtype=np.float32)
-    rows = []
+    ctx = rng.standard_normal((args.batch, CONTEXT_TOKENS, SMALL_UNET["cross_attention_dim"]), dtype=np.float32)
+    return x, t, ctx
 
-    # --- metalora: jit-compiled step on the LoRA (subject) factors only, donated state -----------------------
-    config = UNetConfig(**SMALL_UNET)
-    model = UNet2DConditionModel(config, rngs=nnx.Rngs(0))
+
+def _metalora_lora_step(args, x, t, ctx, attention_backend: str = "auto"):
+    """Our LoRA training step on the (subject) factors only: (jitted step, initial (factors, opt_state), base
+    param count). ``step(h, opt_state) -> (h, opt_state, loss)``; ``lora_step`` and ``efficiency`` both time it, so
+    they measure the same program."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from metalora.lora import LoRAConfig, inject, merge_roles, split_roles, take_heads
+    from metalora.models.unet import UNet2DConditionModel, UNetConfig, count_params
+
+    model = UNet2DConditionModel(UNetConfig(**SMALL_UNET), rngs=nnx.Rngs(0), attention_backend=attention_backend)
     base_params = count_params(model)
     inject(model, LoRAConfig(targets="attn", rank=args.rank, down_role="subject"), key=jax.random.key(0))
     graphdef, base, meta, subject = split_roles(model)
@@ -115,13 +126,32 @@ def bench_lora_step(args) -> list[dict]:
         updates, opt_state = tx.update(grads, opt_state, h)
         return optax.apply_updates(h, updates), opt_state, loss
 
-    state = {"h": heads, "o": tx.init(heads)}
+    return step, (heads, tx.init(heads)), base_params
 
-    def run_jax():
-        state["h"], state["o"], loss = step(state["h"], state["o"])
-        loss.block_until_ready()
 
-    rows.append({"impl": "metalora (jit)", "ms_per_step": 1e3 * _median_time(run_jax, args.repeats),
+def _stepper(step, init):
+    """A no-argument callable that runs ``step(*state) -> (*state, loss)`` once, threading the state through."""
+    state = list(init)
+
+    def run():
+        out = step(*state)
+        state[:] = out[:-1]
+        out[-1].block_until_ready()
+
+    return run
+
+
+def bench_lora_step(args) -> list[dict]:
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from peft import LoraConfig
+
+    x, t, ctx = _lora_inputs(args)
+    rows = []
+
+    # --- metalora: jit-compiled step on the LoRA (subject) factors only --------------------------------------
+    step, init, base_params = _metalora_lora_step(args, x, t, ctx)
+    rows.append({"impl": "metalora (jit)", "ms_per_step": 1e3 * _median_time(_stepper(step, init), args.repeats),
                  "base_params": base_params})
 
     # --- diffusers + PEFT ------------------------------------------------------------------------------------
@@ -153,12 +183,151 @@ def bench_lora_step(args) -> list[dict]:
     return rows
 
 
+# SD-1.x's DDIM config (as tests/test_pipeline.py), for both samplers: ``steps_offset=1`` and
+# ``set_alpha_to_one=False`` make the timesteps and the last step's ᾱ those of a real SD pipeline, and without
+# ``clip_sample`` (diffusers' DDIM default is True) x0̂ is not clipped, as SD does.
+SD_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1)
+GUIDANCE_SCALE = 3.0
+
+
+def _sampling_inputs(args):
+    """NCHW initial noise and (cond, uncond) text contexts, as numpy."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal((args.batch, SMALL_UNET["in_channels"], args.size, args.size), dtype=np.float32)
+    cond, uncond = (rng.standard_normal((args.batch, CONTEXT_TOKENS, SMALL_UNET["cross_attention_dim"]),
+                                        dtype=np.float32) for _ in range(2))
+    return noise, cond, uncond
+
+
+def _metalora_sampler(model, steps: int):
+    """``sample(noise_nhwc, cond, uncond) -> x0`` for ``model``: DDIM + CFG, the whole loop one jitted program."""
+    import functools
+
+    import jax
+    from flax import nnx
+
+    from metalora.diffusion import NoiseSchedule, ddim_sample
+    from metalora.models.base_model import apply_unet
+
+    graphdef, params = nnx.split(model)
+    # The sampler's model_fn is a static jit argument keyed by identity: bind the graphdef once (as BaseModel does).
+    model_fn = functools.partial(apply_unet, graphdef)
+    schedule = NoiseSchedule.create(**SD_DDIM)
+
+    @jax.jit
+    def sample(params, schedule, noise, cond, uncond):
+        return ddim_sample(model_fn, params, schedule, noise, cond, uncond, num_inference_steps=steps,
+                           guidance_scale=GUIDANCE_SCALE)
+
+    return lambda noise, cond, uncond: sample(params, schedule, noise, cond, uncond)
+
+
+def _torch_sampler(unet, steps: int):
+    """The diffusers pipeline's denoising loop (``StableDiffusionPipeline.__call__``, latents in, latents out)."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(**SD_DDIM)
+
+    def sample(noise, cond, uncond):
+        scheduler.set_timesteps(steps)
+        context = torch.cat([uncond, cond])  # one UNet call for both halves of CFG, uncond first (as diffusers)
+        latents = noise * scheduler.init_noise_sigma
+        with torch.inference_mode():
+            for t in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                pred_uncond, pred_cond = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+                pred = pred_uncond + GUIDANCE_SCALE * (pred_cond - pred_uncond)
+                latents = scheduler.step(pred, t, latents).prev_sample
+        return latents
+
+    return sample
+
+
+def bench_sampling(args) -> list[dict]:
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from flax import nnx
+
+    from metalora.models.convert import export_torch_state
+    from metalora.models.unet import UNet2DConditionModel, UNetConfig
+
+    model = UNet2DConditionModel(UNetConfig(**SMALL_UNET), rngs=nnx.Rngs(0))
+    # Same weights on both sides: diffusers' UNet gets ours (strict load, so a missed tensor fails loudly).
+    # torch.tensor copies: the exported arrays are read-only views of jax buffers, which from_numpy warns about.
+    unet = TorchUNet(**SMALL_UNET, sample_size=args.size).eval()
+    unet.load_state_dict({k: torch.tensor(v) for k, v in export_torch_state(model).items()})
+    noise, cond, uncond = _sampling_inputs(args)
+    ours = _metalora_sampler(model, args.sample_steps)
+    theirs = _torch_sampler(unet, args.sample_steps)
+    j_in = (jnp.asarray(noise.transpose(0, 2, 3, 1)), jnp.asarray(cond), jnp.asarray(uncond))
+    t_in = tuple(map(torch.from_numpy, (noise, cond, uncond)))
+
+    # Informative parity check (not asserted): same noise in, the two x0 should agree up to f32 round-off.
+    diff = float(np.max(np.abs(np.asarray(ours(*j_in)).transpose(0, 3, 1, 2) - theirs(*t_in).numpy())))
+    ours_s = _median_time(lambda: ours(*j_in).block_until_ready(), args.repeats)
+    theirs_s = _median_time(lambda: theirs(*t_in), args.repeats)
+    return [{"impl": impl, "images_per_s": args.batch / sec, "ms_per_image": 1e3 * sec / args.batch,
+             "speedup_vs_torch": theirs_s / sec, "max_abs_diff_vs_torch": d}
+            for impl, sec, d in (("metalora (jit, lax.scan)", ours_s, diff), ("diffusers loop (eager)", theirs_s, 0.0))]
+
+
+PEAK_MATMUL_N = 1024
+
+
+def _flops(compiled) -> float:
+    """FLOPs of a compiled XLA program (``cost_analysis`` is a dict in recent jax, a one-element list in older)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def _peak_matmul_flops(repeats: int) -> float:
+    """This machine's f32 matmul FLOP/s (a square jitted ``a @ b``: 2n³ flops), our practical peak."""
+    import jax
+    import jax.numpy as jnp
+
+    n = PEAK_MATMUL_N
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
+    matmul = jax.jit(jnp.matmul)
+    return 2 * n**3 / _median_time(lambda: matmul(a, b).block_until_ready(), repeats)
+
+
+def bench_efficiency(args) -> list[dict]:
+    inputs = _lora_inputs(args)
+    step, init, _ = _metalora_lora_step(args, *inputs)
+    # XLA's cost analysis counts a while loop's body once, whatever its trip count, and our CPU attention
+    # ("blocked", as lora_step runs) loops over key blocks. So count the FLOPs of the same step with loop-free "xla"
+    # attention (the same math: model FLOPs, as MFU counts them) and time the step as it really runs.
+    counted, counted_init, _ = _metalora_lora_step(args, *inputs, attention_backend="xla")
+    compiled = counted.lower(*counted_init).compile()
+    if " while(" in compiled.as_text():
+        raise RuntimeError("efficiency: the FLOP-counted step has a while loop, whose FLOPs XLA counts once")
+    flops = _flops(compiled)
+    seconds = _median_time(_stepper(step, init), args.repeats)
+    peak = _peak_matmul_flops(args.repeats)
+    return [{"what": "metalora LoRA step (jit)", "gflop_per_step": flops / 1e9, "ms_per_step": 1e3 * seconds,
+             "achieved_gflops": flops / seconds / 1e9, "peak_matmul_gflops": peak / 1e9,
+             "fraction_of_peak": flops / seconds / peak}]
+
+
 def _table(rows: list[dict]) -> str:
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+    # Small floats (e.g. a 1e-5 parity difference) in exponent notation, so they do not print as 0.00.
+    fmt = lambda v: (f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}") if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(row.get(k, "")) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+SECTIONS = {"attention": bench_attention, "lora_step": bench_lora_step, "sampling": bench_sampling,
+            "efficiency": bench_efficiency}
 
 
 def main(argv=None) -> dict:
@@ -170,9 +339,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sections", default="attention,lora_step")
+    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sampling section")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, from: " + ",".join(SECTIONS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     args = parser.parse_args(argv)
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {list(SECTIONS)}")
 
     import torch
 
@@ -180,9 +353,8 @@ def main(argv=None) -> dict:
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                            "loadavg_before": os.getloadavg()},
                "args": vars(args)}
-    sections = {"attention": bench_attention, "lora_step": bench_lora_step}
     for name in args.sections.split(","):
-        rows = sections[name](args)
+        rows = SECTIONS[name](args)
         results[name] = rows
         print(f"\n## {name}\n\n{_table(rows)}")
     results["machine"]["loadavg_after"] = os.getloadavg()

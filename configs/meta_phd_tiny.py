@@ -8,7 +8,9 @@
 learning rates under ``method.<name>.learning_rate`` runs a sweep (variants ``<name>@lr=<value>``).
 
 Arguments: ``""`` (default), ``"study"`` (the does-it-work study: Meta-LoRA vs LoRA, held-out loss vs steps, an LR
-sweep of 3 each), ``"smoke"`` (random tiny base, a few steps, the ``smoke`` dataset, no probes).
+sweep of 3 each), ``"lfw"`` (held-out LFW identities, judged by dlib's face descriptor; needs the LFW base from
+``configs/base_lfw.py`` at ``runs/base_lfw/base_model`` and ``pip install -e ".[faces]"``), ``"smoke"`` (random tiny
+base, a few steps, the ``smoke`` dataset, no probes).
 """
 
 import ml_collections
@@ -19,8 +21,8 @@ DEFAULT_META_DOWN = "assets/meta_down_tiny"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in ("", "smoke", "study"):
-        raise ValueError(f"configs/meta_phd_tiny.py: unknown argument {arg!r}; use '', 'smoke' or 'study'")
+    if arg not in ("", "smoke", "study", "lfw"):
+        raise ValueError(f"configs/meta_phd_tiny.py: unknown argument {arg!r}; use '', 'smoke', 'study' or 'lfw'")
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.seed = 0  # protocol seed: which photos are references / held out, which prompts
@@ -76,6 +78,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.sample.at = "all"  # sample at "all" evaluation steps, the "final" one, or "none" (held-out loss only)
 
     c.probes = "r32"  # name or folder of the evaluation probes ("" = none: held-out loss only)
+    # Who scores identity (FaceSim, R-FaceSim, diversity): "probes" (the world's identity probe) or "dlib" (dlib's
+    # ResNet face descriptor, the real-photo judge; samples without a detected face are counted as no_face).
+    c.judge = "probes"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.reference_method = "lora"  # steps to target = steps to reach this method's final value
@@ -97,6 +102,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.sample.at = "final"
         c.eval.target_metric = "heldout_loss"
         c.report.title = "Does it work? Held-out denoising loss vs adaptation steps, Meta-LoRA vs LoRA"
+    if arg == "lfw":  # real photos: no attribute labels, so no probes; identity judged by a real face model
+        c.base.path = "runs/base_lfw/base_model"
+        c.data.source = "folders"
+        c.probes = ""
+        c.judge = "dlib"
+        c.report.title = "Meta-PHD-style benchmark (held-out LFW identities, dlib FaceSim)"
     if smoke:
         c.seeds = (0,)
         c.base.path = "random:smoke"

@@ -217,3 +217,53 @@ def test_every_benchmark_config_variant_builds_its_method_list():
         "meta_lora@lr=0.001", "meta_lora@lr=0.003", "meta_lora@lr=0.01",
         "lora@lr=0.001", "lora@lr=0.003", "lora@lr=0.01"]
     assert [v for v, _, _ in benchmark.variants(meta_phd_tiny.get_config(""))] == list(methods_lib.METHODS)
+
+
+def _fake_subjects(seeds_per_prompt: int) -> H.Subjects:
+    """One subject: 1 reference, 2 held-out photos, 2 prompts × ``seeds_per_prompt`` samples (images 2×2 px)."""
+    from metalora.data import protocol
+
+    prompts = tuple(protocol.EvalPrompt(text=f"p{i}", attributes={}, novel=()) for i in range(2))
+    test = protocol.TestIdentity(identity=7, references=(0,), heldout=(1, 2), prompts=prompts)
+    zeros = lambda n: np.zeros((1, n, 2, 2, 3), np.float32)  # noqa: E731
+    return H.Subjects(tests=(test,), shots={"images": zeros(1)}, heldout={"images": zeros(2)},
+                      prompt_ids=np.zeros((1, 2 * seeds_per_prompt, 3), np.int32), prompts=(prompts,),
+                      seeds_per_prompt=seeds_per_prompt, reference_attributes=({},))
+
+
+def test_a_face_detecting_judge_leaves_faceless_samples_out_and_counts_them():
+    """dlib-style judge: identity metrics over the samples with a face; no_face = their share; the descriptor of
+    each image is read from its first pixel, so every expected value is known by hand."""
+    from metalora.eval.faces import FaceEmbeddings
+
+    def embed(images):
+        first = np.asarray(images)[:, 0, 0, :2]  # (N, 2): the image's "descriptor"
+        found = np.linalg.norm(first, axis=1) > 0
+        return FaceEmbeddings(embeddings=np.where(found[:, None], first, np.nan).astype(np.float32), found=found)
+
+    judge = H.IdentityJudge(name="fake", embed=embed, detects_faces=True)
+    subjects = _fake_subjects(seeds_per_prompt=2)
+    # references/held-out are all-zero in [-1, 1], i.e. 0.5 in [0, 1] after to_unit: descriptor (0.5, 0.5)
+    samples = np.zeros((4, 2, 2, 3), np.float32)
+    samples[0, 0, 0, :2] = (1.0, 1.0)  # cosine 1 to (0.5, 0.5)
+    samples[1, 0, 0, :2] = (1.0, 0.0)  # cosine 1/√2
+    # samples 2 and 3 have no face
+    out = H.score_subject(None, samples, subjects, 0, judge)
+    assert out["no_face"] == 0.5
+    np.testing.assert_allclose(out["face_sim"], (1.0 + 2 ** -0.5) / 2, rtol=1e-6)
+    np.testing.assert_allclose(out["r_face_sim"], (1.0 + 2 ** -0.5) / 2, rtol=1e-6)
+    # prompt 0 has two faces at cosine distance 1 - 1/√2; prompt 1 has none, so it does not count
+    np.testing.assert_allclose(out["diversity"], 1.0 - 2 ** -0.5, rtol=1e-6)
+    assert "prompt_alignment" not in out
+
+
+def test_judge_choice_from_the_config():
+    class Probes:
+        path = "fake"
+        identity_encoder = None
+
+    judge = H.probe_judge(Probes())
+    assert not judge.detects_faces and judge.name == "probe:fake"
+    assert benchmark.make_judge("probes", None) is None
+    with pytest.raises(ValueError, match="judge"):
+        benchmark.make_judge("clip", None)

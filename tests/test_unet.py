@@ -33,6 +33,11 @@ TINY_FAMILIES = {
                  projection_class_embeddings_input_dim=20 + 6 * 8,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # Our tiny base: the prompt's hidden states also pooled into the time embedding (addition_embed_type="text").
+    "base": dict(block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=24, attention_head_dim=4,
+                 norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
 }
 
 

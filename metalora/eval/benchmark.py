@@ -145,9 +145,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                seeds_per_prompt=config.sample.seeds_per_prompt,
                                max_prompts=config.protocol.max_prompts or None)
     probes = P.load_probes(config.probes) if config.probes else None
+    judge = make_judge(config.get("judge", "probes"), probes)
     log(f"{subjects.count} test identities {subjects.identities}, {config.protocol.shots} shot(s), "
         f"{len(subjects.prompts[0])} prompts × {subjects.seeds_per_prompt} seeds; probes: "
-        f"{probes.path if probes else 'none'}")
+        f"{probes.path if probes else 'none'}; identity judge: {judge.name if judge else 'none'}")
     a = config.adapt
     inner = InnerLoopConfig(steps=1, learning_rate=1.0, optimizer=a.optimizer, batch_size=a.batch_size, flip=a.flip,
                             max_shift=a.max_shift)
@@ -177,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                       guidance_scale=config.sample.guidance_scale,
                                       heldout_repeats=config.eval.heldout_repeats,
                                       sample_steps=_sample_steps(config), progress=advance)
-                cell_records = [r | {"method": variant} for r in H.score_run(result, probes, subjects)]
+                cell_records = [r | {"method": variant} for r in H.score_run(result, probes, subjects, judge)]
                 cell = {"fingerprint": fingerprint, "variant": variant, "seed": seed, "records": cell_records,
                         "seconds_per_step": result.seconds_per_step, "first_chunk_seconds": result.chunk_seconds[0]
                         if result.chunk_seconds else None, "cell_seconds": time.perf_counter() - t0,
@@ -214,6 +215,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     log(out["table"])
     log(f"results: {workdir}")
     return out
+
+
+def make_judge(name: str, probes: P.Probes | None) -> H.IdentityJudge | None:
+    """``config.judge``: "probes" (the identity probe; None when no probes are configured) or "dlib"."""
+    if name == "probes":
+        return H.probe_judge(probes) if probes is not None else None
+    if name == "dlib":
+        from metalora.eval.faces import load_dlib_encoder  # optional extra: metalora[faces]
+
+        return H.dlib_judge(load_dlib_encoder())
+    raise ValueError(f"config.judge={name!r}; choose 'probes' or 'dlib'")
 
 
 def _sample_steps(config) -> tuple[int, ...] | None:
@@ -254,12 +266,18 @@ def _reference_variant(records, reference_method: str, metric: str) -> str | Non
 
 
 def _notes(config) -> list[str]:
-    if not config.probes:
-        return ["No probes configured (config.probes=''): identity and prompt metrics were not computed."]
+    notes = []
+    judge = config.get("judge", "probes")
+    if judge == "dlib":
+        notes.append("Identity metrics: dlib's ResNet face descriptor (HOG detector, 5-point alignment), cosine "
+                     "similarity; `no_face` is the share of samples with no detected face, left out of FaceSim, "
+                     "R-FaceSim and diversity.")
+    if not config.probes and judge == "probes":
+        notes.append("No probes configured (config.probes=''): identity and prompt metrics were not computed.")
     if config.data.source != "synth":
-        return ["Prompt alignment and pose copying are not defined on this track (its photos have no attribute "
-                "labels)."]
-    return []
+        notes.append("Prompt alignment and pose copying are not defined on this track (its photos have no "
+                     "attribute labels).")
+    return notes
 
 
 def _short_extras(info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

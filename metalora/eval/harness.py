@@ -10,7 +10,12 @@ formulas are in ``metalora.eval.metrics``; per (method, identity, seed, step) ce
 * ``prompt_alignment``: attribute-probe accuracy on the attributes the prompts ask for (our CLIP-T);
 * ``pose_copying``: share of samples asked for another pose that show the reference's pose anyway;
 * ``diversity``: mean pairwise (1 − cosine) identity-embedding distance between the seeds of one prompt;
-* ``heldout_loss``: denoising loss on the held-out photos (fixed noise draws), the ``does it work`` measure.
+* ``heldout_loss``: denoising loss on the held-out photos (fixed noise draws), the ``does it work`` measure;
+* ``no_face``: share of samples in which the identity judge found no face (dlib judge only; those samples are left
+  out of the identity metrics, never scored as zero).
+
+Identity metrics come from an ``IdentityJudge``: the procedural world's identity probe (``probe_judge``) or, on the
+real-photo track, dlib's face descriptor (``dlib_judge``: detector, 5-point alignment, ResNet descriptor).
 
 Aggregates (``aggregate``): mean ± 95% CI (Student t over identity × seed cells), Fréchet distance of the final
 samples' probe features to the held-out photos, and steps to reach a target R-FaceSim (default: the reference
@@ -33,14 +38,15 @@ import numpy as np
 from metalora.data import builders, protocol, world
 from metalora.eval import metrics as M
 from metalora.eval import probes as P
+from metalora.eval.faces import FaceEmbeddings, face_sim_from_face_embeddings
 from metalora.eval.methods import Method
 from metalora.meta.inner import InnerLoopConfig, inner_optimizer, optimize
 from metalora.meta.personalize import encode_shots
 from metalora.models import base_model as bm
 
-METRICS = ("face_sim", "r_face_sim", "prompt_alignment", "pose_copying", "diversity", "heldout_loss")
+METRICS = ("face_sim", "r_face_sim", "prompt_alignment", "pose_copying", "diversity", "heldout_loss", "no_face")
 HIGHER_IS_BETTER = {"face_sim": True, "r_face_sim": True, "prompt_alignment": True, "pose_copying": False,
-                    "diversity": True, "heldout_loss": False}
+                    "diversity": True, "heldout_loss": False, "no_face": False}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,21 +239,47 @@ def to_unit(images: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjects, s: int) -> dict[str, float]:
-    """Metrics of one subject's N samples (prompt-major: prompt p's seeds are rows p·n … p·n + n − 1)."""
+@dataclasses.dataclass(frozen=True)
+class IdentityJudge:
+    """Identity descriptors of images in [0, 1], one row per image; ``found`` is False where the judge sees no face.
+
+    ``detects_faces``: the judge can miss faces (dlib), so the share of faceless samples is reported as ``no_face``.
+    """
+
+    name: str
+    embed: Callable[[np.ndarray], FaceEmbeddings]
+    detects_faces: bool = False
+
+
+def probe_judge(probes: P.Probes) -> IdentityJudge:
+    """The procedural world's identity probe (an ArcFace-trained encoder): every image gets a descriptor."""
+
+    def embed(images: np.ndarray) -> FaceEmbeddings:
+        emb = np.asarray(P.embed(probes.identity_encoder, images))
+        return FaceEmbeddings(embeddings=emb, found=np.ones(emb.shape[0], bool))
+
+    return IdentityJudge(name=f"probe:{probes.path}", embed=embed)
+
+
+def dlib_judge(encoder) -> IdentityJudge:
+    """dlib's ResNet face descriptor (``metalora.eval.faces.load_dlib_encoder()``), the real-photo track's judge."""
+    return IdentityJudge(name="dlib", embed=encoder.embed, detects_faces=True)
+
+
+def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjects, s: int,
+                  judge: IdentityJudge | None = None) -> dict[str, float]:
+    """Metrics of one subject's N samples (prompt-major: prompt p's seeds are rows p·n … p·n + n − 1).
+
+    Identity metrics use ``judge`` (default: the probes' identity encoder); attribute metrics need the probes.
+    """
     out: dict[str, float] = {}
+    judge = judge or (probe_judge(probes) if probes is not None else None)
+    if judge is not None:
+        out |= _identity_metrics(judge, samples, subjects, s)
     if probes is None:
         return out
-    encoder, classifier = probes.identity_encoder, probes.attribute_classifier
-    emb = P.embed(encoder, samples)
-    refs = P.embed(encoder, to_unit(subjects.shots["images"][s]))
-    held = P.embed(encoder, to_unit(subjects.heldout["images"][s]))
-    out["face_sim"] = float(M.face_sim_from_embeddings(emb, refs).mean())
-    out["r_face_sim"] = float(M.r_face_sim_from_embeddings(emb, held).mean())
+    classifier = probes.attribute_classifier
     n = subjects.seeds_per_prompt
-    if n >= 2:
-        out["diversity"] = float(np.mean([M.mean_pairwise_distance(emb[p * n:(p + 1) * n], "cosine")
-                                          for p in range(len(subjects.prompts[s]))]))
     requested = [p.attributes for p in subjects.prompts[s] for _ in range(n)]
     if any(requested):
         out["prompt_alignment"] = float(P.prompt_alignment(classifier, samples, requested)["accuracy"])
@@ -259,7 +291,29 @@ def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjec
     return out
 
 
-def score_run(run: MethodRun, probes: P.Probes | None, subjects: Subjects) -> list[dict[str, Any]]:
+def _identity_metrics(judge: IdentityJudge, samples: np.ndarray, subjects: Subjects, s: int) -> dict[str, float]:
+    """FaceSim, R-FaceSim and diversity over the samples the judge found a face in (NaN when none)."""
+    emb = judge.embed(samples)
+    refs = judge.embed(to_unit(subjects.shots["images"][s]))
+    held = judge.embed(to_unit(subjects.heldout["images"][s]))
+    out = {"face_sim": face_sim_from_face_embeddings(emb, refs)["mean"],
+           "r_face_sim": face_sim_from_face_embeddings(emb, held)["mean"]}
+    if judge.detects_faces:
+        out["no_face"] = emb.missing / len(emb.found)
+    n = subjects.seeds_per_prompt
+    if n >= 2:
+        per_prompt = []
+        for p in range(len(subjects.prompts[s])):
+            rows = emb.embeddings[p * n:(p + 1) * n][emb.found[p * n:(p + 1) * n]]
+            if len(rows) >= 2:
+                per_prompt.append(M.mean_pairwise_distance(rows, "cosine"))
+        if per_prompt:
+            out["diversity"] = float(np.mean(per_prompt))
+    return {k: float(v) for k, v in out.items()}
+
+
+def score_run(run: MethodRun, probes: P.Probes | None, subjects: Subjects,
+              judge: IdentityJudge | None = None) -> list[dict[str, Any]]:
     """One record per (identity, step) of a method run: every metric and the identifiers of the cell."""
     records = []
     for step in run.steps:
@@ -267,7 +321,7 @@ def score_run(run: MethodRun, probes: P.Probes | None, subjects: Subjects) -> li
             row = {"method": run.method, "identity": identity, "seed": run.seed, "step": step,
                    "heldout_loss": float(run.heldout_loss[step][s])}
             if step in run.samples:
-                row |= score_subject(probes, run.samples[step][s], subjects, s)
+                row |= score_subject(probes, run.samples[step][s], subjects, s, judge)
             records.append(row)
     return records
 

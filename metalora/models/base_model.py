@@ -124,12 +124,16 @@ def tiny_unet_config(
     attention_head_dim: int = 4,
     in_channels: int = 3,
     norm_num_groups: int = 32,
+    pooled_text_heads: int = 0,
 ) -> UNetConfig:
     """SD's UNet at toy size for pixel-space images.
 
     No attention at full resolution (the first block is a plain ``DownBlock2D``/``UpBlock2D``): at 32×32 that would
     be 1024 tokens, while the lower levels (16×16 = 256, 8×8 = 64 tokens) and the mid block carry the cross-attention
     to the prompt at a fraction of the cost. ``cross_attention_dim`` must equal the text encoder's width.
+
+    ``pooled_text_heads > 0`` also adds an attention-pooled summary of the prompt to the time embedding (diffusers'
+    ``addition_embed_type="text"``, as in DeepFloyd IF / unCLIP), so every ResNet sees the prompt.
     """
     n = len(block_out_channels)
     if n < 2:
@@ -144,6 +148,8 @@ def tiny_unet_config(
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
+        **({"addition_embed_type": "text", "addition_embed_type_num_heads": pooled_text_heads}
+           if pooled_text_heads else {}),
     )
     config.validate()
     return config
@@ -453,7 +459,7 @@ def build_base_model(m: Any) -> BaseModel:
     tokenizer = world_tokenizer(max_length=m.max_length or None)
     unet = tiny_unet_config(block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
                             cross_attention_dim=m.text_hidden_size, attention_head_dim=m.attention_head_dim,
-                            norm_num_groups=m.norm_num_groups)
+                            norm_num_groups=m.norm_num_groups, pooled_text_heads=m.get("pooled_text_heads", 0))
     scheduler = default_scheduler_config() | {"beta_schedule": m.beta_schedule, "prediction_type": m.prediction_type}
     model_config = BaseModelConfig.create(resolution=m.resolution, unet=unet, text_hidden_size=m.text_hidden_size,
                                           text_layers=m.text_layers, text_heads=m.text_heads, tokenizer=tokenizer,

@@ -22,6 +22,7 @@ from metalora.models.unet_blocks import (
     BlockSpec,
     DownBlock2D,
     Precision,
+    TextTimeEmbedding,
     TimestepEmbedding,
     UNetMidBlock2DCrossAttn,
     UpBlock2D,
@@ -58,11 +59,11 @@ _FIXED_FIELDS: dict[str, tuple] = {
     "downsample_padding": (1,),
     "dropout": (0.0, 0),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
-    "addition_embed_type": (None, "text_time"),
+    "addition_embed_type": (None, "text", "text_time"),
     "num_attention_heads": (None,),  # diffusers itself refuses it; heads come from `attention_head_dim`
 }
 # Informational fields that do not change the network.
-_IGNORED_FIELDS = {"sample_size", "addition_embed_type_num_heads"}
+_IGNORED_FIELDS = {"sample_size"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,7 @@ class UNetConfig:
     conv_out_kernel: int = 3
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
+    addition_embed_type_num_heads: int = 64
     projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
@@ -144,6 +146,14 @@ class UNetConfig:
                                                         or self.projection_class_embeddings_input_dim is None):
             raise UnsupportedConfigError("addition_embed_type='text_time' needs 'addition_time_embed_dim' and "
                                          "'projection_class_embeddings_input_dim'")
+        if self.addition_embed_type == "text":
+            dims = set(self.per_block("cross_attention_dim"))
+            if len(dims) != 1:
+                raise UnsupportedConfigError("addition_embed_type='text' pools the prompt's hidden states: it needs "
+                                             f"one cross_attention_dim, got {self.cross_attention_dim}")
+            if dims.pop() % self.addition_embed_type_num_heads:
+                raise UnsupportedConfigError(f"addition_embed_type_num_heads={self.addition_embed_type_num_heads} "
+                                             f"does not divide cross_attention_dim={self.cross_attention_dim}")
         if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
             raise UnsupportedConfigError("conv_in_kernel / conv_out_kernel must be odd")
 
@@ -200,6 +210,9 @@ class UNet2DConditionModel(nnx.Module):
         if config.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb, precision=p,
                                                    rngs=rngs)
+        elif config.addition_embed_type == "text":
+            self.add_embedding = TextTimeEmbedding(cross_dims[0], temb, config.addition_embed_type_num_heads,
+                                                   precision=p, rngs=rngs)
         else:
             self.add_embedding = None
 
@@ -249,7 +262,9 @@ class UNet2DConditionModel(nnx.Module):
         t_emb = timestep_embedding(t, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos,
                                    freq_shift=config.freq_shift)
         emb = self.time_embedding(t_emb.astype(self.dtype))
-        if self.add_embedding is not None:
+        if config.addition_embed_type == "text":  # a pooled summary of the prompt
+            emb = emb + self.add_embedding(context)
+        elif config.addition_embed_type == "text_time":
             emb = emb + self._text_time_embedding(added_cond_kwargs, batch)
 
         # Odd spatial sizes: upsample to each skip connection's exact size rather than ×2.
