@@ -69,7 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.adapt.optimizer = "adam"
     c.adapt.flip = True
     c.adapt.max_shift = 2
-    c.adapt.min_snr_gamma = 5.0
+    c.adapt.min_snr_gamma = 0.0  # the base's plain v-loss (see configs/base_tiny.py and meta_lora_tiny.py)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_inference_steps = 25
@@ -93,7 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if arg == "study":  # "does it work": held-out loss vs steps, Meta-LoRA vs LoRA, an LR sweep of 3 for each
         c.methods = ("meta_lora", "lora")
-        sweep = (1e-3, 3e-3, 1e-2)
+        sweep = (3e-4, 1e-3, 3e-3)  # brackets the best LR: 1e-3 was the lowest and best of (1e-3, 3e-3, 1e-2)
         # new sections: a field that holds a float cannot be overridden with a tuple
         c.method.meta_lora = ml_collections.ConfigDict({"learning_rate": sweep, "meta_down": DEFAULT_META_DOWN})
         c.method.lora = ml_collections.ConfigDict({"learning_rate": sweep})

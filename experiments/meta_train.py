@@ -43,7 +43,11 @@ def meta_config(config: ml_collections.ConfigDict) -> MetaConfig:
     # Episodes are already flipped/cropped by the data sampler (with matching captions): no second flip inside.
     inner = InnerLoopConfig(steps=m.inner_steps, learning_rate=m.inner_learning_rate, optimizer=m.inner_optimizer,
                             batch_size=m.shots, flip=False)
-    return MetaConfig(algorithm=m.algorithm, inner=inner, num_heads=m.num_heads)
+    num_heads = m.num_heads or m.num_identities  # 0: one head per meta-train identity
+    if m.algorithm == "joint" and not num_heads:
+        raise ValueError("config.meta.num_heads=0 means one head per meta-train identity, so it needs "
+                         "config.meta.num_identities > 0; set one of them")
+    return MetaConfig(algorithm=m.algorithm, inner=inner, num_heads=num_heads or 1)
 
 
 def make_batches(config: ml_collections.ConfigDict, model: bm.BaseModel, *, with_query: bool) -> EpisodeBatches:

@@ -214,8 +214,8 @@ def test_quickstart_reports_a_user_mistake_in_one_line(tmp_path, capsys):
 
 def test_every_benchmark_config_variant_builds_its_method_list():
     assert [v for v, _, _ in benchmark.variants(meta_phd_tiny.get_config("study"))] == [
-        "meta_lora@lr=0.001", "meta_lora@lr=0.003", "meta_lora@lr=0.01",
-        "lora@lr=0.001", "lora@lr=0.003", "lora@lr=0.01"]
+        "meta_lora@lr=0.0003", "meta_lora@lr=0.001", "meta_lora@lr=0.003",
+        "lora@lr=0.0003", "lora@lr=0.001", "lora@lr=0.003"]
     assert [v for v, _, _ in benchmark.variants(meta_phd_tiny.get_config(""))] == list(methods_lib.METHODS)
 
 
@@ -225,7 +225,7 @@ def _fake_subjects(seeds_per_prompt: int) -> H.Subjects:
 
     prompts = tuple(protocol.EvalPrompt(text=f"p{i}", attributes={}, novel=()) for i in range(2))
     test = protocol.TestIdentity(identity=7, references=(0,), heldout=(1, 2), prompts=prompts)
-    zeros = lambda n: np.zeros((1, n, 2, 2, 3), np.float32)  # noqa: E731
+    zeros = lambda n: np.zeros((1, n, 2, 2, 3), np.float32)
     return H.Subjects(tests=(test,), shots={"images": zeros(1)}, heldout={"images": zeros(2)},
                       prompt_ids=np.zeros((1, 2 * seeds_per_prompt, 3), np.int32), prompts=(prompts,),
                       seeds_per_prompt=seeds_per_prompt, reference_attributes=({},))

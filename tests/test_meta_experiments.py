@@ -55,3 +55,14 @@ def test_adapt_exports_and_keeps_d_frozen(meta_workdir, method):
                 exported = lora["unet." + key.rsplit(".", 1)[0] + ".lora_A.weight"]
                 np.testing.assert_array_equal(exported.reshape(value.T.shape), value.T, err_msg=key)
     assert np.isfinite(results["heldout_loss_after"]).all()
+
+
+def test_joint_head_table_defaults_to_one_head_per_identity():
+    config = meta_lora_tiny.get_config("")
+    config.meta.num_heads, config.meta.num_identities = 0, 37
+    assert meta_train.meta_config(config).num_heads == 37
+    config.meta.num_heads = 5  # explicit: identities share rows (identity % 5)
+    assert meta_train.meta_config(config).num_heads == 5
+    config.meta.num_heads, config.meta.num_identities = 0, 0
+    with pytest.raises(ValueError, match="num_identities"):
+        meta_train.meta_config(config)
