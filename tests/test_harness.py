@@ -161,6 +161,21 @@ def test_aggregate_steps_to_target():
     assert "| meta_lora | 40 |" in table and "0.600" in table
 
 
+def test_change_from_start_is_paired_per_identity():
+    """Identities 0.5 apart in level but each improving by exactly 0.1 per step: the unpaired curve has a wide
+    interval, the paired change has mean -0.1·k and zero width."""
+    records = [{"method": "lora", "identity": i, "seed": 0, "step": step, "heldout_loss": 0.5 * i + 1.0 - 0.01 * step}
+               for i in (0, 1, 2) for step in (0, 10, 20)]
+    records.append({"method": "lora", "identity": 0, "seed": 0, "step": 30})  # a record without the metric
+    summary = H.aggregate(records)
+    assert summary["curves"]["heldout_loss"]["lora"]["ci"][1] > 0.5
+    change = summary["change_from_start"]["heldout_loss"]["lora"]
+    assert change["step"] == [0, 10, 20]
+    np.testing.assert_allclose(change["mean"], [0.0, -0.1, -0.2], atol=1e-12)
+    np.testing.assert_allclose(change["ci"], [0.0, 0.0, 0.0], atol=1e-12)
+    assert change["n"] == [3, 3, 3]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(meta_down_dir, tmp_path_factory):
     config = meta_phd_tiny.get_config("smoke")

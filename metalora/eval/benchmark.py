@@ -302,6 +302,9 @@ def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequenc
               f"{len(subjects.prompts[0])} prompts × {subjects.seeds_per_prompt} samples per identity.\n\n")
     curve_md = "".join(f"\n### {m} by adaptation step\n\n" + H.curve_table(summary, m)
                        for m in ("r_face_sim", "heldout_loss") if summary["curves"].get(m))
+    curve_md += "".join(f"\n### {m}: change since the first evaluated step (paired per identity × seed)\n\n"
+                        + H.curve_table({"curves": summary["change_from_start"]}, m)
+                        for m in ("r_face_sim", "heldout_loss") if summary["change_from_start"].get(m))
     atomic_write_text(workdir / "table.md", header + table + curve_md)
     plots = {}
     for metric, ylabel in (("r_face_sim", "R-FaceSim (held-out photos)"), ("heldout_loss", "held-out denoising loss"),

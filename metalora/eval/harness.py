@@ -360,6 +360,17 @@ def curves(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, dict[
     return out
 
 
+def change_from_start(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The records holding ``metric``, with it replaced by its change since the first evaluated step of the same
+    (method, identity, seed) cell. Paired differences: the spread between identities (far larger than what
+    adaptation changes, e.g. held-out losses) cancels, so the confidence interval is about the change itself."""
+    start: dict[tuple, float] = {}
+    for r in sorted((r for r in records if metric in r), key=lambda r: r["step"]):
+        start.setdefault((r["method"], r["identity"], r["seed"]), r[metric])
+    return [dict(r) | {metric: r[metric] - start[(r["method"], r["identity"], r["seed"])]}
+            for r in records if metric in r]
+
+
 def steps_to_reach(curve: Mapping[str, Sequence[float]], target: float, higher_is_better: bool = True) -> int | None:
     """First evaluation step whose mean reaches ``target`` (None if it never does)."""
     for step, value in zip(curve["step"], curve["mean"]):
@@ -379,7 +390,8 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, reference_method: str | N
         rows = [r for r in records if r["method"] == method and r["step"] == last]
         final[method] = {"step": last} | {m: mean_ci([r[m] for r in rows if m in r]) for m in METRICS
                                            if any(m in r for r in rows)}
-    out: dict[str, Any] = {"final": final, "curves": all_curves}
+    out: dict[str, Any] = {"final": final, "curves": all_curves,
+                           "change_from_start": {m: curves(change_from_start(records, m), m) for m in METRICS}}
     ref_curve = all_curves.get(target_metric, {}).get(reference_method or "")
     if ref_curve and ref_curve["mean"]:
         target = ref_curve["mean"][-1]
