@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from metalora.eval.metrics import cosine_matrix
+from metalora.eval.metrics import face_sim_from_embeddings
 
 __all__ = [
     "DLIB_SAME_PERSON_THRESHOLD",
@@ -136,14 +136,15 @@ def same_person(a, b, threshold: float = DLIB_SAME_PERSON_THRESHOLD):
 def face_sim_from_face_embeddings(samples: FaceEmbeddings, targets: FaceEmbeddings) -> dict:
     """Mean cosine of each sample's descriptor to the targets that have a face, with the unusable images counted.
 
-    ``cosine_matrix`` rejects NaN, so faceless rows are filtered out first and put back as NaN in ``per_image``;
+    The cosine rejects NaN, so faceless rows are filtered out first and put back as NaN in ``per_image``;
     returns {"mean", "per_image", "missing_samples", "missing_references"} (see ``face_sim_dlib``).
     """
     n = samples.embeddings.shape[0]
     per_image = np.full(n, np.nan, np.float64)
     if samples.found.any() and targets.found.any():
-        sims = cosine_matrix(samples.embeddings[samples.found], targets.embeddings[targets.found])
-        per_image[samples.found] = sims.mean(axis=1)
+        # The probe track's formula (mean cosine to the targets), on the rows that have a face.
+        per_image[samples.found] = face_sim_from_embeddings(samples.embeddings[samples.found],
+                                                            targets.embeddings[targets.found])
     usable = np.isfinite(per_image)
     return {
         "mean": float(per_image[usable].mean()) if usable.any() else float("nan"),

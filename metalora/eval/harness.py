@@ -266,16 +266,26 @@ def dlib_judge(encoder) -> IdentityJudge:
     return IdentityJudge(name="dlib", embed=encoder.embed, detects_faces=True)
 
 
+def judge_targets(judge: IdentityJudge, subjects: Subjects) -> list[tuple[FaceEmbeddings, FaceEmbeddings]]:
+    """Per subject, the judge's descriptors of its (reference shots, held-out photos): computed once per run, not at
+    every evaluation step (a dlib pass over the photos costs as much as one over the samples)."""
+    return [(judge.embed(to_unit(subjects.shots["images"][s])), judge.embed(to_unit(subjects.heldout["images"][s])))
+            for s in range(subjects.count)]
+
+
 def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjects, s: int,
-                  judge: IdentityJudge | None = None) -> dict[str, float]:
+                  judge: IdentityJudge | None = None,
+                  targets: tuple[FaceEmbeddings, FaceEmbeddings] | None = None) -> dict[str, float]:
     """Metrics of one subject's N samples (prompt-major: prompt p's seeds are rows p·n … p·n + n − 1).
 
-    Identity metrics use ``judge`` (default: the probes' identity encoder); attribute metrics need the probes.
+    Identity metrics use ``judge`` (default: the probes' identity encoder) against ``targets`` (default: computed
+    here, see ``judge_targets``); attribute metrics need the probes.
     """
     out: dict[str, float] = {}
     judge = judge or (probe_judge(probes) if probes is not None else None)
     if judge is not None:
-        out |= _identity_metrics(judge, samples, subjects, s)
+        refs, held = targets or judge_targets(judge, subjects)[s]
+        out |= _identity_metrics(judge, samples, refs, held, len(subjects.prompts[s]), subjects.seeds_per_prompt)
     if probes is None:
         return out
     classifier = probes.attribute_classifier
@@ -291,19 +301,18 @@ def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjec
     return out
 
 
-def _identity_metrics(judge: IdentityJudge, samples: np.ndarray, subjects: Subjects, s: int) -> dict[str, float]:
+def _identity_metrics(judge: IdentityJudge, samples: np.ndarray, refs: FaceEmbeddings, held: FaceEmbeddings,
+                      num_prompts: int, seeds_per_prompt: int) -> dict[str, float]:
     """FaceSim, R-FaceSim and diversity over the samples the judge found a face in (NaN when none)."""
     emb = judge.embed(samples)
-    refs = judge.embed(to_unit(subjects.shots["images"][s]))
-    held = judge.embed(to_unit(subjects.heldout["images"][s]))
     out = {"face_sim": face_sim_from_face_embeddings(emb, refs)["mean"],
            "r_face_sim": face_sim_from_face_embeddings(emb, held)["mean"]}
     if judge.detects_faces:
         out["no_face"] = emb.missing / len(emb.found)
-    n = subjects.seeds_per_prompt
+    n = seeds_per_prompt
     if n >= 2:
         per_prompt = []
-        for p in range(len(subjects.prompts[s])):
+        for p in range(num_prompts):
             rows = emb.embeddings[p * n:(p + 1) * n][emb.found[p * n:(p + 1) * n]]
             if len(rows) >= 2:
                 per_prompt.append(M.mean_pairwise_distance(rows, "cosine"))
@@ -315,13 +324,15 @@ def _identity_metrics(judge: IdentityJudge, samples: np.ndarray, subjects: Subje
 def score_run(run: MethodRun, probes: P.Probes | None, subjects: Subjects,
               judge: IdentityJudge | None = None) -> list[dict[str, Any]]:
     """One record per (identity, step) of a method run: every metric and the identifiers of the cell."""
+    judge = judge or (probe_judge(probes) if probes is not None else None)
+    targets = judge_targets(judge, subjects) if judge is not None and run.samples else [None] * subjects.count
     records = []
     for step in run.steps:
         for s, identity in enumerate(subjects.identities):
             row = {"method": run.method, "identity": identity, "seed": run.seed, "step": step,
                    "heldout_loss": float(run.heldout_loss[step][s])}
             if step in run.samples:
-                row |= score_subject(probes, run.samples[step][s], subjects, s, judge)
+                row |= score_subject(probes, run.samples[step][s], subjects, s, judge, targets[s])
             records.append(row)
     return records
 
