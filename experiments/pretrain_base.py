@@ -114,7 +114,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     params = bm.init_base_params(model, jax.random.key(config.seed))
     if t.train_text_encoder:
         state = create_train_state(params, optimizer, ema=t.ema_decay > 0)
-    else:  # the text tower stays at its (random) init, like SD's frozen CLIP: see configs/base_tiny.py for why
+    else:  # the text tower stays at its (random) init (measured in configs/base_tiny.py: it then barely conditions)
         state = create_train_state({"unet": params["unet"]}, optimizer, ema=t.ema_decay > 0,
                                    frozen={"text_encoder": params["text_encoder"]})
     loss_fn = functools.partial(_loss, model, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None)
