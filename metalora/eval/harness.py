@@ -266,11 +266,10 @@ def dlib_judge(encoder) -> IdentityJudge:
     return IdentityJudge(name="dlib", embed=encoder.embed, detects_faces=True)
 
 
-def judge_targets(judge: IdentityJudge, subjects: Subjects) -> list[tuple[FaceEmbeddings, FaceEmbeddings]]:
-    """Per subject, the judge's descriptors of its (reference shots, held-out photos): computed once per run, not at
-    every evaluation step (a dlib pass over the photos costs as much as one over the samples)."""
-    return [(judge.embed(to_unit(subjects.shots["images"][s])), judge.embed(to_unit(subjects.heldout["images"][s])))
-            for s in range(subjects.count)]
+def judge_targets(judge: IdentityJudge, subjects: Subjects, s: int) -> tuple[FaceEmbeddings, FaceEmbeddings]:
+    """The judge's descriptors of subject ``s``'s (reference shots, held-out photos). ``score_run`` computes them once
+    per run, not at every evaluation step (a dlib pass over the photos costs as much as one over the samples)."""
+    return judge.embed(to_unit(subjects.shots["images"][s])), judge.embed(to_unit(subjects.heldout["images"][s]))
 
 
 def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjects, s: int,
@@ -284,7 +283,7 @@ def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjec
     out: dict[str, float] = {}
     judge = judge or (probe_judge(probes) if probes is not None else None)
     if judge is not None:
-        refs, held = targets or judge_targets(judge, subjects)[s]
+        refs, held = targets or judge_targets(judge, subjects, s)
         out |= _identity_metrics(judge, samples, refs, held, len(subjects.prompts[s]), subjects.seeds_per_prompt)
     if probes is None:
         return out
@@ -325,7 +324,8 @@ def score_run(run: MethodRun, probes: P.Probes | None, subjects: Subjects,
               judge: IdentityJudge | None = None) -> list[dict[str, Any]]:
     """One record per (identity, step) of a method run: every metric and the identifiers of the cell."""
     judge = judge or (probe_judge(probes) if probes is not None else None)
-    targets = judge_targets(judge, subjects) if judge is not None and run.samples else [None] * subjects.count
+    targets = [judge_targets(judge, subjects, s) if judge is not None and run.samples else None
+               for s in range(subjects.count)]
     records = []
     for step in run.steps:
         for s, identity in enumerate(subjects.identities):
