@@ -95,6 +95,7 @@ class AttentionPooling(nnx.Module):
         if dim % heads:
             raise ValueError(f"AttentionPooling: {heads} heads do not divide width {dim}")
         self.heads = heads
+        self.attention_backend = precision.attention_backend
         self.positional_embedding = nnx.Param(
             jax.random.normal(rngs.params(), (1, dim), precision.param_dtype) / math.sqrt(dim))
         self.k_proj = precision.linear(dim, dim, rngs=rngs)
@@ -110,9 +111,7 @@ class AttentionPooling(nnx.Module):
             return y.reshape(batch, y.shape[1], self.heads, dim // self.heads)
 
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim // self.heads)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, dim)
+        return dot_product_attention(q, k, v, backend=self.attention_backend).reshape(batch, dim)
 
 
 # Its one raw parameter has the same name and layout as in torch (the projections are plain Linears).
@@ -121,8 +120,9 @@ register_layout(AttentionPooling, {"positional_embedding": ("positional_embeddin
 
 class TextTimeEmbedding(nnx.Module):
     """diffusers' ``addition_embed_type="text"``: LayerNorm → attention pooling of the prompt's hidden states →
-    Linear → LayerNorm, added to the time embedding. It gives every ResNet a global summary of the prompt, a path
-    that learns much faster than cross-attention alone (measured on the tiny base: see configs/base_tiny.py)."""
+    Linear → LayerNorm, added to the time embedding: every ResNet sees a global summary of the prompt. (On the tiny
+    base it did not by itself make a frozen random text tower readable; training the tower did, see
+    configs/base_tiny.py.)"""
 
     def __init__(self, encoder_dim: int, time_embed_dim: int, heads: int, *, precision: Precision,
                  rngs: nnx.Rngs):
