@@ -68,6 +68,15 @@ def build_method(name: str, config: ml_collections.ConfigDict, model: bm.BaseMod
                                              prior_context=prior_context, prior_weight=mc.prior_weight)
     if name == "textual_inversion":
         return methods_lib.textual_inversion_method(model, params, example_loss)
+    if name == "attn_dreambooth":
+        if not len(mc.stage_steps) == len(mc.stage_learning_rates) == len(mc.stage_groups) == len(mc.reg_weights):
+            raise ValueError("config.method.attn_dreambooth: stage_steps, stage_learning_rates, stage_groups and "
+                             "reg_weights need one entry per stage")
+        stages = [methods_lib.Stage(int(n), float(lr), tuple(g))
+                  for n, lr, g in zip(mc.stage_steps, mc.stage_learning_rates, mc.stage_groups)]
+        return methods_lib.attn_dreambooth_method(model, params, model.schedule,
+                                                  min_snr_gamma=config.adapt.min_snr_gamma or None, stages=stages,
+                                                  reg_weights=[tuple(map(float, w)) for w in mc.reg_weights])
     raise ValueError(f"unknown method {name!r}")
 
 

@@ -185,12 +185,13 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
     k_init, k_adapt = jax.random.split(jax.random.key(seed))
     trainables = jax.vmap(method.init)(jax.random.split(k_init, s_count))
     adapt_keys = jax.random.split(k_adapt, s_count)
-    opt_state = jax.vmap(inner_optimizer(config).init)(trainables)
+    optimizer = method.optimizer(config) if method.optimizer else inner_optimizer(config)
+    opt_state = jax.vmap(optimizer.init)(trainables)
 
     @jax.jit
     def run_chunk(trainables, opt_state, start):
         def one(t, st, shots, key):
-            return optimize(method.loss, t, shots, key, config, opt_state=st, start_step=start)
+            return optimize(method.loss, t, shots, key, config, opt_state=st, start_step=start, optimizer=optimizer)
         return jax.vmap(one)(trainables, opt_state, subjects.shots, adapt_keys)
 
     heldout_keys = jax.random.split(jax.random.key(seed + 7), heldout_repeats)

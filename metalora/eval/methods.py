@@ -8,6 +8,8 @@ the trainable into plain base-model parameters, so every method samples with the
 * ``lora``: a two-factor LoRA on the same target layers, from scratch (LoRA-DreamBooth).
 * ``dreambooth``: every UNet weight, optionally with the prior-preservation loss on class images of the base.
 * ``textual_inversion``: only the embedding row of the identifier token (initialised from the class word's).
+* ``attn_dreambooth``: AttnDreamBooth's staged recipe: the identifier's embedding, then the cross-attention layers,
+  then the whole UNet, each stage with its own learning rate, plus the attention-map regulariser.
 
 Shots/minibatches carry ``images`` (b, H, W, C) in [-1, 1], ``input_ids`` (b, L) and ``context`` (b, L, D), the
 frozen text encoder's embedding of the ids (methods that do not train the text side use it and skip the encoder).
@@ -18,20 +20,38 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from metalora.data import world
+from metalora.diffusion import NoiseSchedule, diffusion_loss, loss_weights, training_inputs
 from metalora.export import export_diffusers
 from metalora.lora import init_subject_state, merge_roles, merged_params, take_heads
-from metalora.meta.inner import ExampleLoss
+from metalora.meta.inner import STEP, ExampleLoss, InnerLoopConfig
 from metalora.meta.personalize import attach_adapters, load_meta_down, lora_config
 from metalora.models import base_model as bm
+from metalora.models.unet_blocks import Attention, pop_cross_attention_maps, record_cross_attention
+from metalora.train.optim import Stage, staged_optimizer
 
-METHODS = ("meta_lora", "lora", "dreambooth", "textual_inversion")
+__all__ = [
+    "METHODS",
+    "Method",
+    "Stage",
+    "attention_map_regularizer",
+    "attn_dreambooth_method",
+    "dreambooth_method",
+    "lora_method",
+    "textual_inversion_method",
+    "token_attention",
+    "with_token_row",
+]
+
+METHODS = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth")
 
 Batch = Mapping[str, jax.Array]
 
@@ -49,6 +69,8 @@ class Method:
     # The subject's denoising loss, for held-out evaluation; None = ``loss`` (differs when ``loss`` adds a
     # regulariser, e.g. DreamBooth's prior preservation, which is not part of how well the subject is fit)
     subject_loss: Callable[[Any, Batch, jax.Array], jax.Array] | None = None
+    # The method's own optimiser given the harness's inner-loop config (None = ``inner_optimizer(config)``)
+    optimizer: Callable[[InnerLoopConfig], optax.GradientTransformation] | None = None
 
     @property
     def eval_loss(self) -> Callable[[Any, Batch, jax.Array], jax.Array]:
@@ -129,6 +151,21 @@ def _token_table(text_params: nnx.State) -> jax.Array:
     return dict(nnx.to_flat_state(text_params))[TOKEN_TABLE].get_value()
 
 
+def with_token_row(text_params: nnx.State, token: int, row: jax.Array) -> nnx.State:
+    """The text encoder's state with row ``token`` of its token table replaced by ``row``."""
+    def swap(path, v):
+        return v.replace(v.get_value().at[token].set(row.astype(v.get_value().dtype))) if path == TOKEN_TABLE else v
+    return nnx.from_flat_state([(path, swap(path, v)) for path, v in nnx.to_flat_state(text_params)])
+
+
+def _token_ids(model: bm.BaseModel, *words: str) -> list[int]:
+    tokens = set(model.tokenizer.tokens)
+    for word in words:
+        if word not in tokens:
+            raise ValueError(f"{word!r} is not a token of the base model's tokenizer")
+    return [model.tokenizer.token_to_id(w) for w in words]
+
+
 def textual_inversion_method(model: bm.BaseModel, params: bm.BaseParams, example_loss: ExampleLoss, *,
                              identifier: str = world.DEFAULT_IDENTIFIER,
                              init_word: str = world.CLASS_WORD) -> Method:
@@ -136,27 +173,134 @@ def textual_inversion_method(model: bm.BaseModel, params: bm.BaseParams, example
 
     The text encoder runs inside the loss (the context depends on the trained row); UNet and encoder are frozen.
     """
-    tokens = set(model.tokenizer.tokens)
-    for word in (identifier, init_word):
-        if word not in tokens:
-            raise ValueError(f"textual_inversion: {word!r} is not a token of the base model's tokenizer")
-    token, init_token = model.tokenizer.token_to_id(identifier), model.tokenizer.token_to_id(init_word)
-
-    def text_params_with(row):
-        def swap(path, v):
-            return v.replace(v.get_value().at[token].set(row.astype(v.get_value().dtype))) if path == TOKEN_TABLE else v
-        return nnx.from_flat_state([(path, swap(path, v)) for path, v in nnx.to_flat_state(params["text_encoder"])])
+    token, init_token = _token_ids(model, identifier, init_word)
 
     def init(k):
         del k
         return _token_table(params["text_encoder"])[init_token]
 
     def loss(row, batch, k):
-        context = bm.encode_text(model, text_params_with(row), batch["input_ids"])
+        context = bm.encode_text(model, with_token_row(params["text_encoder"], token, row), batch["input_ids"])
         return example_loss(nnx.merge(model.unet_def, params["unet"]), {**batch, "context": context}, k)
 
     def sampling_params(row):
-        return {"unet": params["unet"], "text_encoder": text_params_with(row)}
+        return {"unet": params["unet"], "text_encoder": with_token_row(params["text_encoder"], token, row)}
 
     return Method("textual_inversion", init, loss, sampling_params, int(model.config.text_encoder.hidden_size),
                   {"identifier": identifier, "init_word": init_word})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AttnDreamBooth (Pang et al., 2024): staged training with a cross-attention-map regulariser
+# ----------------------------------------------------------------------------------------------------------------
+
+# The recipe's groups: the identifier's embedding row, the cross-attention layers (attn2: q/k/v/out), the rest of
+# the UNet. Stage 3 trains "the whole UNet" = the last two.
+ATTN_DREAMBOOTH_STAGES = (Stage(60, 1e-3, ("token",)), Stage(100, 2e-5, ("cross_attention",)),
+                          Stage(500, 2e-6, ("cross_attention", "unet")))  # the paper's SD-scale recipe
+ATTN_DREAMBOOTH_REG_WEIGHTS = ((0.1, 0.0), (2.0, 5.0), (2.0, 5.0))  # (λ_mean, λ_var) per stage, the paper's
+
+
+def token_attention(maps: Sequence[jax.Array], input_ids: jax.Array, token: int) -> list[jax.Array]:
+    """Per map (B, Lq, Lk): the attention every query pays to ``token`` (its first occurrence), (B, Lq)."""
+    position = jnp.argmax(input_ids == token, axis=1)
+    return [jnp.take_along_axis(m, position[:, None, None], axis=2)[..., 0] for m in maps]
+
+
+def attention_map_regularizer(maps: Sequence[jax.Array], input_ids: jax.Array, token: int, class_token: int,
+                              weight_mean: float | jax.Array, weight_var: float | jax.Array) -> jax.Array:
+    """AttnDreamBooth's regulariser: the new token's cross-attention map should have the mean and variance (over
+    image positions) of its class word's map in the same prompt ("a photo of sks person"):
+
+        λ_mean · (μ(A_sks) − μ(A_person))² + λ_var · (σ²(A_sks) − σ²(A_person))²,
+
+    averaged over cross-attention layers and examples; examples whose prompt lacks either token count zero. The class
+    word's statistics are the target (stop-gradient): the regulariser moves the new concept, not the class word.
+    """
+    present = jnp.any(input_ids == token, axis=1) & jnp.any(input_ids == class_token, axis=1)
+    terms = []
+    for a_new, a_class in zip(token_attention(maps, input_ids, token), token_attention(maps, input_ids, class_token)):
+        a_class = jax.lax.stop_gradient(a_class)
+        d_mean = jnp.mean(a_new, axis=-1) - jnp.mean(a_class, axis=-1)
+        d_var = jnp.var(a_new, axis=-1) - jnp.var(a_class, axis=-1)
+        terms.append(jnp.where(present, weight_mean * d_mean ** 2 + weight_var * d_var ** 2, 0.0))
+    return jnp.mean(jnp.stack(terms)) if terms else jnp.zeros([])
+
+
+def _cross_attention_filter(unet: nnx.Module):
+    """An nnx filter for the variables of the UNet's cross-attention layers, chosen by module type."""
+    prefixes = [path for path, m in nnx.iter_modules(unet) if isinstance(m, Attention) and m.is_cross_attention]
+    if not prefixes:
+        raise ValueError("attn_dreambooth: the UNet has no cross-attention layers")
+    return lambda path, _: any(tuple(path[:len(p)]) == tuple(p) for p in prefixes)
+
+
+def attn_dreambooth_method(model: bm.BaseModel, params: bm.BaseParams, schedule: NoiseSchedule, *,
+                           min_snr_gamma: float | None = None,
+                           stages: Sequence[Stage] = ATTN_DREAMBOOTH_STAGES,
+                           reg_weights: Sequence[tuple[float, float]] = ATTN_DREAMBOOTH_REG_WEIGHTS,
+                           identifier: str = world.DEFAULT_IDENTIFIER, class_word: str = world.CLASS_WORD) -> Method:
+    """Staged personalization (AttnDreamBooth): stage 1 learns the identifier's embedding (initialised from the class
+    word's), stage 2 the cross-attention layers, stage 3 the whole UNet; the text encoder stays frozen. Each stage
+    has its own Adam and learning rate (``stages``; the harness's learning rate scales them all), and the loss adds
+    the attention-map regulariser with the stage's ``reg_weights``. The maps come from the same UNet pass as the
+    denoising prediction (``record_cross_attention``), not from a second model.
+
+    Every step differentiates through the whole UNet, whichever stage is active (one compiled step for all stages),
+    so it costs what a DreamBooth step costs.
+    """
+    stages = tuple(stages)
+    if len(reg_weights) != len(stages):
+        raise ValueError(f"attn_dreambooth: {len(stages)} stages but {len(reg_weights)} regulariser weight pairs")
+    groups = {"token", "cross_attention", "unet"}
+    unknown = {g for s in stages for g in s.groups} - groups
+    if unknown:
+        raise ValueError(f"attn_dreambooth: unknown parameter group(s) {sorted(unknown)}; groups are {sorted(groups)}")
+    token, class_token = _token_ids(model, identifier, class_word)
+    graphdef, cross, rest = nnx.split(model.unet(params), _cross_attention_filter(model.unet(params)), ...)
+    text = params["text_encoder"]
+    boundaries = jnp.cumsum(jnp.asarray([s.steps for s in stages]))[:-1]
+    weight_table = jnp.asarray(reg_weights, jnp.float32)
+
+    def init(k):
+        del k
+        return {"token": _token_table(text)[class_token], "cross_attention": cross, "unet": rest}
+
+    def forward(trainable, batch, key, record: bool):
+        context = bm.encode_text(model, with_token_row(text, token, trainable["token"]), batch["input_ids"])
+        unet = nnx.merge(graphdef, trainable["cross_attention"], trainable["unet"])
+        x_t, t, target = training_inputs(schedule, key, batch["images"])
+        if record:
+            record_cross_attention(unet)
+            pred = unet(x_t, t, context)
+            maps = pop_cross_attention_maps(unet)
+        else:
+            pred, maps = unet(x_t, t, context), []
+        return diffusion_loss(pred, target, loss_weights(schedule, t, min_snr_gamma)), maps
+
+    def subject_loss(trainable, batch, k):  # held-out evaluation: how well the subject is fit, no regulariser
+        return forward(trainable, batch, k, record=False)[0]
+
+    def loss(trainable, batch, k):
+        denoise, maps = forward(trainable, batch, k, record=True)
+        w_mean, w_var = weight_table[jnp.searchsorted(boundaries, batch[STEP], side="right")]
+        return denoise + attention_map_regularizer(maps, batch["input_ids"], token, class_token, w_mean, w_var)
+
+    def sampling_params(trainable):
+        unet = nnx.merge(graphdef, trainable["cross_attention"], trainable["unet"])
+        return {"unet": nnx.state(unet), "text_encoder": with_token_row(text, token, trainable["token"])}
+
+    def labels(trainable):
+        return {name: jax.tree.map(lambda _, n=name: n, part) for name, part in trainable.items()}
+
+    def optimizer(config: InnerLoopConfig) -> optax.GradientTransformation:
+        scaled = [dataclasses.replace(s, learning_rate=s.learning_rate * config.learning_rate) for s in stages]
+        return staged_optimizer(scaled, labels)
+
+    info = {"identifier": identifier, "class_word": class_word,
+            "stages": [{"steps": s.steps, "learning_rate": s.learning_rate, "groups": list(s.groups),
+                        "reg_weights": list(w)} for s, w in zip(stages, reg_weights)],
+            "learning_rate_is": "a scale on every stage's learning rate"}
+    size = _size(params["unet"]) + int(model.config.text_encoder.hidden_size)
+    return Method("attn_dreambooth", init, loss, sampling_params, size, info, subject_loss=subject_loss,
+                  optimizer=optimizer)

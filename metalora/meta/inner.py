@@ -26,6 +26,7 @@ from metalora.diffusion import NoiseSchedule, diffusion_loss, loss_weights, trai
 from metalora.lora.roles import merge_roles
 
 FLIPPED = "_flipped"  # suffix of a shot entry that belongs to the mirrored image
+STEP = "step"  # minibatch entry added by ``optimize``: the index of the optimiser step (a scalar)
 ExampleLoss = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], jax.Array]
 
 
@@ -111,20 +112,24 @@ def _random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Arra
 
 def optimize(loss_of: Callable[[Any, Mapping[str, jax.Array], jax.Array], jax.Array], params: Any,
              shots: Mapping[str, jax.Array], key: jax.Array, config: InnerLoopConfig, *, opt_state: Any = None,
-             start_step: int | jax.Array = 0) -> tuple[Any, jax.Array, Any]:
+             start_step: int | jax.Array = 0,
+             optimizer: optax.GradientTransformation | None = None) -> tuple[Any, jax.Array, Any]:
     """The inner loop itself: ``config.steps`` optimiser steps on any pytree ``params``, one ``lax.scan``.
 
-    ``loss_of(params, minibatch, key)`` is the objective. Step ``i`` draws its minibatch and noise from
-    ``fold_in(key, i)``; ``opt_state``/``start_step`` continue an earlier call, so a run split into chunks (e.g. to
-    evaluate at several step counts) equals one long run. Returns ``(params, losses before each step, opt_state)``.
-    Every adaptation method (LoRA heads, a full UNet, a token embedding) runs through this one function.
+    ``loss_of(params, minibatch, key)`` is the objective; the minibatch also carries ``STEP`` (the index of the
+    step, for objectives that change over training, e.g. staged recipes). Step ``i`` draws its minibatch and noise
+    from ``fold_in(key, i)``; ``opt_state``/``start_step`` continue an earlier call, so a run split into chunks (e.g.
+    to evaluate at several step counts) equals one long run. ``optimizer`` replaces ``inner_optimizer(config)``
+    (a method with its own schedule). Returns ``(params, losses before each step, opt_state)``. Every adaptation
+    method (LoRA heads, a full UNet, a token embedding, a staged recipe) runs through this one function.
     """
-    optimizer = inner_optimizer(config)
+    optimizer = optimizer or inner_optimizer(config)
 
     def step(carry, i):
         p, state = carry
         k_batch, k_loss = jax.random.split(jax.random.fold_in(key, i))
-        loss, grads = jax.value_and_grad(loss_of)(p, sample_minibatch(shots, k_batch, config), k_loss)
+        batch = sample_minibatch(shots, k_batch, config) | {STEP: i}
+        loss, grads = jax.value_and_grad(loss_of)(p, batch, k_loss)
         updates, state = optimizer.update(grads, state, p)
         return (optax.apply_updates(p, updates), state), loss
 

@@ -54,12 +54,20 @@ def call_maybe_remat(module: nnx.Module, remat: bool, *args):
     """Calls ``module(*args)``; with ``remat`` its activations are recomputed in the backward pass.
 
     Done with ``jax.checkpoint`` on the split state rather than a lifted NNX transform, so it behaves the
-    same in graph and tree mode and composes with jit/vmap/grad applied to the whole model.
+    same in graph and tree mode and composes with jit/vmap/grad applied to the whole model. Cross-attention maps
+    recorded inside (``record_cross_attention``) are returned from the checkpointed call and put back on ``module``.
     """
     if not remat:
         return module(*args)
     graphdef, state = nnx.split(module)
-    return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, *args)
+
+    def run(s, *a):
+        inner = nnx.merge(graphdef, s)
+        return inner(*a), nnx.state(inner, CrossAttentionMap)
+
+    out, maps = jax.checkpoint(run)(state, *args)
+    nnx.update(module, maps)
+    return out
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
@@ -159,14 +167,29 @@ class ResnetBlock2D(nnx.Module):
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 
+class CrossAttentionMap(nnx.Intermediate):
+    """Head-averaged attention probabilities (B, Lq, Lk) of a cross-attention layer, kept while it records
+    (``record_cross_attention``); e.g. AttnDreamBooth's attention-map regulariser reads them. The layer stores them
+    itself rather than through ``Module.sow``, which flax deprecates outside ``nnx.capture``; and ``nnx.capture``
+    breaks ``nnx.split`` of modules holding an ``nnx.List`` (mixed int/str keys), which the remat path needs."""
+
+
 class Attention(nnx.Module):
-    """Multi-head attention with diffusers' projections ``to_q``, ``to_k``, ``to_v``, ``to_out[0]``."""
+    """Multi-head attention with diffusers' projections ``to_q``, ``to_k``, ``to_v``, ``to_out[0]``.
+
+    ``is_cross_attention``: keys/values come from the text (``attn2``), a typed way to select these layers. With
+    ``record_maps`` set (``record_cross_attention``) the layer also keeps its head-averaged probabilities as a
+    ``CrossAttentionMap``; they are recomputed from q and k in float32 (cheap: Lk is the prompt length), so the fused
+    attention backends stay as they are.
+    """
 
     def __init__(self, query_dim: int, *, heads: int, dim_head: int, cross_attention_dim: int | None = None,
                  upcast_attention: bool = False, precision: Precision, rngs: nnx.Rngs):
         inner = heads * dim_head
         context_dim = cross_attention_dim or query_dim
         self.heads = heads
+        self.is_cross_attention = cross_attention_dim is not None
+        self.record_maps = False
         self.upcast_attention = upcast_attention
         self.backend = precision.attention_backend
         self.to_q = precision.linear(query_dim, inner, use_bias=False, rngs=rngs)
@@ -179,7 +202,31 @@ class Attention(nnx.Module):
         split_heads = lambda t: t.reshape(*t.shape[:-1], self.heads, t.shape[-1] // self.heads)
         q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
         out = dot_product_attention(q, k, v, backend=self.backend, upcast=self.upcast_attention)
+        if self.record_maps:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+            probs = jax.nn.softmax(scores / math.sqrt(q.shape[-1]), axis=-1)
+            # Stored as the layer's own variable (popped by ``pop_cross_attention_maps``); a tuple in case the layer is
+            # called more than once per forward pass.
+            recorded = self.recorded_maps.get_value() if hasattr(self, "recorded_maps") else ()
+            self.recorded_maps = CrossAttentionMap((*recorded, jnp.mean(probs, axis=1)))
         return self.to_out[0](out.reshape(*out.shape[:-2], -1))
+
+
+def record_cross_attention(model: nnx.Module) -> int:
+    """Makes every cross-attention layer of ``model`` record its maps (in place); returns how many there are.
+
+    Use it on a module merged for one forward pass, then collect the maps with ``pop_cross_attention_maps``.
+    """
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, Attention) and m.is_cross_attention]
+    for layer in layers:
+        layer.record_maps = True
+    return len(layers)
+
+
+def pop_cross_attention_maps(model: nnx.Module) -> list[jax.Array]:
+    """The maps recorded since ``record_cross_attention``, removed from ``model``: one (B, Lq, Lk) array per
+    cross-attention call, in path order."""
+    return list(jax.tree.leaves(nnx.pop(model, CrossAttentionMap)))
 
 
 class GEGLU(nnx.Module):

@@ -17,14 +17,16 @@ All step counts are *train-loop* steps, also under accumulation, so a config rea
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["OPTIMIZER_DEFAULTS", "accumulate_steps", "make_lr_schedule", "make_optimizer", "ndim_decay_mask"]
+__all__ = ["OPTIMIZER_DEFAULTS", "Stage", "accumulate_steps", "make_lr_schedule", "make_optimizer", "ndim_decay_mask",
+           "staged_optimizer"]
 
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-4,
@@ -146,3 +148,67 @@ def make_optimizer(
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
     return tx
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Staged training: consecutive stages that train different parameter groups at different learning rates
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """``steps`` optimiser steps of Adam at ``learning_rate`` on the parameter groups named in ``groups``."""
+
+    steps: int
+    learning_rate: float
+    groups: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.steps < 1 or self.learning_rate < 0 or not self.groups:
+            raise ValueError(f"invalid training stage {self}: needs steps >= 1, learning_rate >= 0 and >= 1 group")
+
+
+class StagedState(NamedTuple):
+    count: jax.Array  # optimiser steps taken so far (all stages)
+    stages: tuple[Any, ...]  # one optimiser state per stage
+
+
+def staged_optimizer(stages: Sequence[Stage], labels: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Stage 0 for ``stages[0].steps`` updates, then stage 1, ...; the last stage continues past its length.
+
+    ``labels(params)`` gives each leaf its group name. A stage's leaves outside its ``groups`` get zero updates, and
+    every stage has its own Adam moments, kept only for the leaves it trains: as if a fresh optimiser were built
+    per stage (staged recipes such as AttnDreamBooth do that), without the moments of a frozen full model.
+
+    The active stage is chosen with ``lax.switch`` on the step count, so one compiled step serves every stage (under
+    ``vmap`` over subjects the switch becomes a select and every stage's Adam runs; the updates are the same).
+    """
+    stages = tuple(stages)
+    if not stages:
+        raise ValueError("staged_optimizer: no stages")
+    boundaries = jnp.cumsum(jnp.asarray([s.steps for s in stages]))[:-1]
+
+    def stage_tx(stage: Stage) -> optax.GradientTransformation:
+        def train_or_freeze(params):
+            return jax.tree.map(lambda g: "train" if g in stage.groups else "freeze", labels(params))
+        return optax.multi_transform({"train": optax.adam(stage.learning_rate), "freeze": optax.set_to_zero()},
+                                     train_or_freeze)
+
+    txs = tuple(stage_tx(s) for s in stages)
+
+    def init(params):
+        return StagedState(jnp.zeros([], jnp.int32), tuple(tx.init(params) for tx in txs))
+
+    def update(grads, state, params=None):
+        index = jnp.searchsorted(boundaries, state.count, side="right")
+
+        def branch(i):
+            def run(grads, inner, params):
+                updates, new = txs[i].update(grads, inner[i], params)
+                return updates, (*inner[:i], new, *inner[i + 1:])
+            return run
+
+        updates, inner = jax.lax.switch(index, [branch(i) for i in range(len(txs))], grads, state.stages, params)
+        return updates, StagedState(state.count + 1, inner)
+
+    return optax.GradientTransformation(init, update)
