@@ -4,16 +4,19 @@
     python -m experiments.adapt --config configs/meta_lora_tiny.py --workdir runs/meta_tiny \
         --config.adapt.identities="(0, 1, 2, 3)"
     python -m experiments.meta_train --config configs/meta_lora_tiny.py:smoke --workdir /tmp/smoke   # CI size
+    python -m experiments.meta_train --config configs/meta_lora_tiny.py:lfw --workdir runs/meta_lfw   # real photos
 
-Arguments: ``""`` (default) or ``"smoke"`` (random tiny base, a few steps, the ``smoke`` dataset).
+Arguments: ``""`` (default), ``"lfw"`` (the real-photo track: LFW meta_train identities on the LFW base of
+``configs/base_lfw.py`` at ``runs/base_lfw/base_model``) or ``"smoke"`` (random tiny base, a few steps, the ``smoke``
+dataset).
 """
 
 import ml_collections
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in ("", "smoke"):
-        raise ValueError(f"configs/meta_lora_tiny.py: unknown argument {arg!r}; use '' or 'smoke'")
+    if arg not in ("", "smoke", "lfw"):
+        raise ValueError(f"configs/meta_lora_tiny.py: unknown argument {arg!r}; use '', 'lfw' or 'smoke'")
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -83,6 +86,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.adapt.guidance_scale = 3.0
     c.adapt.seeds_per_prompt = 2
 
+    if arg == "lfw":
+        c.base.path = "runs/base_lfw/base_model"
+        c.data.source = "folders"  # folder_root "" = the LFW track
     if smoke:
         c.base.path = "random:smoke"
         c.lora.mid_rank = 4

@@ -9,7 +9,8 @@ learning rates under ``method.<name>.learning_rate`` runs a sweep (variants ``<n
 
 Arguments: ``""`` (default), ``"study"`` (the does-it-work study: Meta-LoRA vs LoRA, held-out loss vs steps, an LR
 sweep of 3 each), ``"lfw"`` (held-out LFW identities, judged by dlib's face descriptor; needs the LFW base from
-``configs/base_lfw.py`` at ``runs/base_lfw/base_model`` and ``pip install -e ".[faces]"``), ``"smoke"`` (random tiny
+``configs/base_lfw.py`` at ``runs/base_lfw/base_model``, a Meta-Down from ``configs/meta_lora_tiny.py:lfw`` at
+``runs/meta_lfw/meta_down`` and ``pip install -e ".[faces]"``), ``"smoke"`` (random tiny
 base, a few steps, the ``smoke`` dataset, no probes).
 """
 
@@ -18,6 +19,7 @@ import ml_collections
 from metalora.eval.methods import METHODS
 
 DEFAULT_META_DOWN = "assets/meta_down_tiny"
+DEFAULT_ID_ENCODER = "assets/id_encoder_tiny"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -47,7 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.protocol.max_heldout = 8
     c.protocol.max_prompts = 6
 
-    c.methods = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth")
+    c.methods = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth", "stacked_id")
     c.method = ml_collections.ConfigDict({name: {"learning_rate": 1e-3} for name in METHODS})
     c.method.meta_lora.learning_rate = 3e-3
     c.method.meta_lora.meta_down = DEFAULT_META_DOWN
@@ -65,6 +67,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.method.attn_dreambooth.stage_learning_rates = (1e-3, 8e-4, 8e-5)
     c.method.attn_dreambooth.stage_groups = (("token",), ("cross_attention",), ("cross_attention", "unet"))
     c.method.attn_dreambooth.reg_weights = ((0.1, 0.0), (2.0, 5.0), (2.0, 5.0))  # (λ_mean, λ_var) per stage
+    # PhotoMaker-style and tuning-free: evaluated at step 0 only; its learning rate is not used. The encoder comes
+    # from experiments/train_id_encoder.py ("" = <workdir>/id_encoder). start_merge_step: the first DDIM steps read the
+    # plain class prompt (PhotoMaker: 10 of 50; here 5 of 25).
+    c.method.stacked_id.learning_rate = 0.0
+    c.method.stacked_id.folder = DEFAULT_ID_ENCODER
+    c.method.stacked_id.start_merge_step = 5
 
     c.lora = ml_collections.ConfigDict()  # shared by meta_lora and lora: same targets and rank
     c.lora.targets = "attn"
@@ -114,6 +122,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg == "lfw":  # real photos: no attribute labels, so no probes; identity judged by a real face model
         c.base.path = "runs/base_lfw/base_model"
         c.data.source = "folders"
+        # D meta-trained on LFW identities with the LFW base (configs/meta_lora_tiny.py:lfw)
+        c.method.meta_lora.meta_down = "runs/meta_lfw/meta_down"
+        c.method.stacked_id.folder = "runs/id_encoder_lfw/id_encoder"  # configs/id_encoder_tiny.py:lfw
         c.probes = ""
         c.judge = "dlib"
         c.report.title = "Meta-PHD-style benchmark (held-out LFW identities, dlib FaceSim)"
@@ -127,6 +138,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.method.meta_lora.meta_down = ""  # <workdir>/meta_down: tests meta-train one first
         c.method.dreambooth.prior_images = 2
         c.method.attn_dreambooth.stage_steps = (1, 1, 2)  # every stage runs within the 4 smoke steps
+        c.method.stacked_id.folder = ""  # <workdir>/id_encoder: tests write one first
+        c.method.stacked_id.start_merge_step = 1
         c.lora.mid_rank = 4
         c.adapt.eval_steps = (0, 2, 4)
         c.adapt.batch_size = 1

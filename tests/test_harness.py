@@ -1,4 +1,4 @@
-"""Benchmark harness: the four methods (no-op at init, what each one trains), the chunked inner loop, the
+"""Benchmark harness: the methods (no-op at init, what each one trains), the chunked inner loop, the
 aggregation math, and the benchmark job end to end at smoke size (outputs, resume, stale-config refusal)."""
 
 import json
@@ -177,9 +177,24 @@ def test_change_from_start_is_paired_per_identity():
 
 
 @pytest.fixture(scope="module")
-def smoke_run(meta_down_dir, tmp_path_factory):
+def id_encoder_dir(tiny, tmp_path_factory):
+    """An untrained stacked-ID encoder for the smoke base, saved as experiments/train_id_encoder.py would."""
+    from metalora.meta import stacked_id
+    from metalora.models.id_encoder import IDEncoderConfig, save_id_encoder
+
+    model, params, _ = tiny
+    config = IDEncoderConfig(text_dim=model.config.text_encoder.hidden_size, channels=(8, 16), image_dim=16,
+                             fuse_hidden=32, groups=4)
+    _, encoder, lora = stacked_id.build(model, params, config, lora_rank=2, key=jax.random.key(0))
+    folder = tmp_path_factory.mktemp("id_encoder")
+    return save_id_encoder(folder, encoder, lora, config, {"lora": {"targets": "attn", "rank": 2}})
+
+
+@pytest.fixture(scope="module")
+def smoke_run(meta_down_dir, id_encoder_dir, tmp_path_factory):
     config = meta_phd_tiny.get_config("smoke")
     config.method.meta_lora.meta_down = str(meta_down_dir)
+    config.method.stacked_id.folder = str(id_encoder_dir)
     config.export = True
     workdir = tmp_path_factory.mktemp("meta_phd")
     return config, workdir, benchmark.run(config, workdir, log=lambda s: None)
@@ -192,7 +207,9 @@ def test_benchmark_smoke_writes_every_output(smoke_run):
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["methods"]) == set(config.methods)
     cells = {(r["method"], r["identity"], r["step"]) for r in results["records"]}
-    assert len(cells) == len(config.methods) * 2 * len(config.adapt.eval_steps) == len(results["records"])
+    tuned = [m for m in config.methods if m != "stacked_id"]  # the tuning-free method is evaluated at step 0 only
+    assert len(cells) == (len(tuned) * len(config.adapt.eval_steps) + 1) * 2 == len(results["records"])
+    assert {r["step"] for r in results["records"] if r["method"] == "stacked_id"} == {0}
     assert all(np.isfinite(r["heldout_loss"]) for r in results["records"])
     for method in ("meta_lora", "lora"):  # exported LoRA files, one per subject
         assert len(out["exports"][method]) == 2
@@ -208,8 +225,19 @@ def test_benchmark_resumes_and_refuses_stale_cells(smoke_run):
     again = benchmark.run(config, workdir, log=logs.append)
     assert sum("done earlier" in line for line in logs) == len(config.methods)
     assert again["records"] == out["records"]
+    # another method's settings do not touch a cell; a shared setting does
+    retuned = meta_phd_tiny.get_config("smoke")
+    for name in ("meta_lora", "stacked_id"):
+        retuned.method[name] = config.method[name]
+    retuned.export = True
+    retuned.methods = ("lora",)
+    retuned.method.dreambooth.learning_rate = 1.0
+    logs = []
+    benchmark.run(retuned, workdir, log=logs.append)
+    assert sum("done earlier" in line for line in logs) == 1
     changed = meta_phd_tiny.get_config("smoke")
-    changed.method.meta_lora.meta_down = config.method.meta_lora.meta_down
+    for name in ("meta_lora", "stacked_id"):
+        changed.method[name] = config.method[name]
     changed.export = True
     changed.adapt.batch_size = 2
     with pytest.raises(ValueError, match="another config"):

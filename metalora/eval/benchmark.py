@@ -68,6 +68,10 @@ def build_method(name: str, config: ml_collections.ConfigDict, model: bm.BaseMod
                                              prior_context=prior_context, prior_weight=mc.prior_weight)
     if name == "textual_inversion":
         return methods_lib.textual_inversion_method(model, params, example_loss)
+    if name == "stacked_id":
+        folder = mc.folder or str(workdir / "id_encoder")
+        return methods_lib.stacked_id_method(model, params, folder, start_merge_step=mc.start_merge_step,
+                                             min_snr_gamma=config.adapt.min_snr_gamma or None)
     if name == "attn_dreambooth":
         if not len(mc.stage_steps) == len(mc.stage_learning_rates) == len(mc.stage_groups) == len(mc.reg_weights):
             raise ValueError("config.method.attn_dreambooth: stage_steps, stage_learning_rates, stage_groups and "
@@ -104,11 +108,17 @@ def choose_tests(config: ml_collections.ConfigDict, source_meta) -> tuple[protoc
     return tuple(tests[: p.num_identities] if p.num_identities else tests)
 
 
-def config_fingerprint(config: ml_collections.ConfigDict) -> str:
-    """Hash of everything that changes a cell's numbers (not the method list or seed list, which only add cells)."""
+def config_fingerprint(config: ml_collections.ConfigDict, method: str | None = None) -> str:
+    """Hash of everything that changes a cell's numbers (not the method list or seed list, which only add cells).
+
+    With ``method``, the other methods' sections are left out: a cell depends on the shared settings and its own
+    method's, so adding a method or retuning another one keeps the finished cells valid.
+    """
     d = config_to_dict(config)
     for k in ("methods", "seeds", "report", "progress"):
         d.pop(k, None)
+    if method is not None:
+        d["method"] = {method: d.get("method", {}).get(method)}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -161,12 +171,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     a = config.adapt
     inner = InnerLoopConfig(steps=1, learning_rate=1.0, optimizer=a.optimizer, batch_size=a.batch_size, flip=a.flip,
                             max_shift=a.max_shift)
-    fingerprint = config_fingerprint(config)
     records, info, final_samples, exports = [], {}, {}, {}
     all_variants = variants(config)
+    methods = {name: build_method(name, config, model, params, workdir) for name in dict.fromkeys(n for _, n, _ in
+                                                                                                 all_variants)}
+    evaluations = {name: 1 if m.tuning_free else len(set(a.eval_steps)) for name, m in methods.items()}
     # One bar over every (variant, seed, evaluation step); the harness reports each evaluation through ``advance``.
-    bar = tqdm.tqdm(total=len(all_variants) * len(config.seeds) * len(set(a.eval_steps)), desc="adapt + evaluate",
-                    disable=not config.get("progress", True))
+    bar = tqdm.tqdm(total=sum(evaluations[n] for _, n, _ in all_variants) * len(config.seeds),
+                    desc="adapt + evaluate", disable=not config.get("progress", True))
 
     def advance(message: str) -> None:
         bar.update(1)
@@ -174,10 +186,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         log(message)
 
     for variant, name, lr in all_variants:
-        method = build_method(name, config, model, params, workdir)
+        method = methods[name]
         info[variant] = {"method": name, "learning_rate": lr, "trainable_parameters": method.trainable_parameters,
                          **{k: v for k, v in method.info.items() if k != "meta_down_info"}}
         for seed in config.seeds:
+            fingerprint = config_fingerprint(config, name)
             cell = _load_cell(workdir, variant, seed, fingerprint)
             if cell is None:
                 t0 = time.perf_counter()
@@ -202,7 +215,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 _save_cell(workdir, variant, seed, cell, last)
                 cell["samples"] = last
             else:
-                bar.update(len(set(a.eval_steps)))
+                bar.update(evaluations[name])
                 log(f"{variant} seed {seed}: done earlier, loaded from {workdir / 'cells'}")
                 cell["samples"] = {k: v.astype(np.float32) / 255.0 for k, v in cell["samples"].items()}
             records += cell["records"]
@@ -292,9 +305,9 @@ def _notes(config) -> list[str]:
 def _short_extras(info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for variant, i in info.items():
-        sps = i.get("seconds_per_step_all_subjects", [])
+        sps = [x for x in i.get("seconds_per_step_all_subjects", []) if np.isfinite(x)]  # none: tuning-free
         out[variant] = {"trainable params": f"{i['trainable_parameters']:,}", "lr": f"{i['learning_rate']:g}",
-                        "s/step (all subjects)": f"{np.nanmean(sps):.3f}" if sps else "–"}
+                        "s/step (all subjects)": f"{np.mean(sps):.3f}" if sps else "–"}
         if "frechet_to_heldout" in i:
             out[variant]["FD to held-out"] = f"{i['frechet_to_heldout']:.3g}"
     return out

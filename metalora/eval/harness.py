@@ -178,12 +178,18 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
                progress: Callable[[str], None] | None = None) -> MethodRun:
     """Adapt all subjects with ``method`` (seed ``seed``); at every step of ``eval_steps`` measure the held-out
     loss and, at the steps of ``sample_steps`` (None = all evaluation steps), sample the evaluation prompts."""
-    steps = tuple(sorted(set(int(s) for s in eval_steps)))
+    # A tuning-free method has nothing to adapt: it is evaluated once, at step 0, which is also its final step.
+    steps = (0,) if method.tuning_free else tuple(sorted(set(int(s) for s in eval_steps)))
+    if method.tuning_free and sample_steps is not None and len(sample_steps):
+        sample_steps = (0,)
     chunk = chunk_size(steps)
     config = dataclasses.replace(inner, steps=chunk)
     s_count = subjects.count
     k_init, k_adapt = jax.random.split(jax.random.key(seed))
-    trainables = jax.vmap(method.init)(jax.random.split(k_init, s_count))
+    if method.tuning_free:
+        trainables = jax.jit(jax.vmap(method.init_from_shots))(jax.random.split(k_init, s_count), subjects.shots)
+    else:
+        trainables = jax.vmap(method.init)(jax.random.split(k_init, s_count))
     adapt_keys = jax.random.split(k_adapt, s_count)
     optimizer = method.optimizer(config) if method.optimizer else inner_optimizer(config)
     opt_state = jax.vmap(optimizer.init)(trainables)
@@ -207,6 +213,8 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
     @jax.jit
     def sample(trainables):
         def one(t, ids):
+            if method.sample is not None:
+                return method.sample(t, ids, keys, num_inference_steps, guidance_scale)
             return bm.sample_from_ids(model, method.sampling_params(t), ids, keys,
                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         return jax.vmap(one)(trainables, subjects.prompt_ids)

@@ -10,6 +10,8 @@ the trainable into plain base-model parameters, so every method samples with the
 * ``textual_inversion``: only the embedding row of the identifier token (initialised from the class word's).
 * ``attn_dreambooth``: AttnDreamBooth's staged recipe: the identifier's embedding, then the cross-attention layers,
   then the whole UNet, each stage with its own learning rate, plus the attention-map regulariser.
+* ``stacked_id``: PhotoMaker-style and tuning-free: a trained ID encoder turns the reference photos into ID tokens in
+  the prompt (``metalora.meta.stacked_id``); nothing is optimised per subject.
 
 Shots/minibatches carry ``images`` (b, H, W, C) in [-1, 1], ``input_ids`` (b, L) and ``context`` (b, L, D), the
 frozen text encoder's embedding of the ids (methods that do not train the text side use it and skip the encoder).
@@ -51,7 +53,7 @@ __all__ = [
     "with_token_row",
 ]
 
-METHODS = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth")
+METHODS = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth", "stacked_id")
 
 Batch = Mapping[str, jax.Array]
 
@@ -71,6 +73,16 @@ class Method:
     subject_loss: Callable[[Any, Batch, jax.Array], jax.Array] | None = None
     # The method's own optimiser given the harness's inner-loop config (None = ``inner_optimizer(config)``)
     optimizer: Callable[[InnerLoopConfig], optax.GradientTransformation] | None = None
+    # Tuning-free methods: the subject's state comes from its reference shots, ``(key, shots) -> trainable``, and is
+    # never optimised (the harness evaluates it at step 0 only).
+    init_from_shots: Callable[[jax.Array, Batch], Any] | None = None
+    # ``(trainable, prompt ids (N, L), keys (N,), num_inference_steps, guidance_scale) -> images in [0, 1]`` for
+    # methods that do not sample as the base model with ``sampling_params`` (None = that default)
+    sample: Callable[..., jax.Array] | None = None
+
+    @property
+    def tuning_free(self) -> bool:
+        return self.init_from_shots is not None
 
     @property
     def eval_loss(self) -> Callable[[Any, Batch, jax.Array], jax.Array]:
@@ -304,3 +316,46 @@ def attn_dreambooth_method(model: bm.BaseModel, params: bm.BaseParams, schedule:
     size = _size(params["unet"]) + int(model.config.text_encoder.hidden_size)
     return Method("attn_dreambooth", init, loss, sampling_params, size, info, subject_loss=subject_loss,
                   optimizer=optimizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stacked ID embedding (PhotoMaker-style, tuning-free)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def stacked_id_method(model: bm.BaseModel, params: bm.BaseParams, folder: str | pathlib.Path, *,
+                      start_merge_step: int = 0, min_snr_gamma: float | None = None) -> Method:
+    """The ID encoder + UNet LoRA written by ``experiments/train_id_encoder.py`` in ``folder``. A subject's state is
+    its reference shots' image embeddings (N, image_dim): several references stack N ID tokens. The held-out loss
+    is the denoising loss of the held-out photos conditioned on those tokens."""
+    from metalora.meta import stacked_id as sid
+    from metalora.models.id_encoder import IDEncoderConfig, load_id_encoder, read_id_encoder_info
+
+    info = read_id_encoder_info(folder)
+    config = IDEncoderConfig.from_dict(info["config"])
+    system, enc_template, lora_template = sid.build(model, params, config, lora_targets=info["lora"]["targets"],
+                                                    lora_rank=info["lora"]["rank"], key=jax.random.key(0))
+    encoder, lora, _ = load_id_encoder(folder, enc_template, lora_template)
+    text = params["text_encoder"]
+
+    def init_from_shots(k, shots):
+        del k
+        return sid.embed_references(system, encoder, shots["images"])
+
+    def loss(embeds, batch, k):
+        return sid.denoising_loss(system, encoder, lora, text, embeds, batch, k, min_snr_gamma=min_snr_gamma)
+
+    def sampling_params(embeds):
+        del embeds  # the ID tokens are in the prompt, see ``sample``
+        return {"unet": sid.unet_params(system, lora), "text_encoder": text}
+
+    def sample(embeds, ids, keys, num_inference_steps, guidance_scale):
+        return sid.sample(system, encoder, lora, text, embeds, ids, keys, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, start_merge_step=start_merge_step)
+
+    size = _size(encoder) + _size(lora)
+    return Method("stacked_id", lambda k: None, loss, sampling_params, size,
+                  {"folder": str(folder), "start_merge_step": start_merge_step, "trained_on": info.get("trained_on"),
+                   "trainable_parameters_are": "ID encoder + UNet LoRA, trained once on meta_train identities; "
+                                               "nothing per subject"},
+                  init_from_shots=init_from_shots, sample=sample)

@@ -12,14 +12,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save
 
 from metalora.lora import LoRAConfig, inject, split_roles
 from metalora.models import base_model as bm
-from metalora.train.io import atomic_write_bytes, atomic_write_text
+from metalora.train.io import atomic_write_text, load_states, save_states
 
 METHODS = ("meta_lora", "lora")
 META_DOWN_FILE = "meta_down.safetensors"
@@ -105,14 +103,10 @@ class EpisodeBatches:
         self._it.set_state(state)
 
 
-def _flat(state: nnx.State) -> dict[str, np.ndarray]:
-    return {".".join(str(p) for p in path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
-
-
 def save_meta_down(folder: str | pathlib.Path, meta: nnx.State, info: Mapping[str, Any]) -> pathlib.Path:
     """Writes ``D`` (safetensors, keys = module paths) and ``meta_down.json`` (adapter config, base, provenance)."""
     folder = pathlib.Path(folder)
-    atomic_write_bytes(folder / META_DOWN_FILE, save(_flat(meta), metadata={"format": "metalora-meta-down"}))
+    save_states(folder / META_DOWN_FILE, {"": meta}, "metalora-meta-down")
     atomic_write_text(folder / "meta_down.json", json.dumps(dict(info), indent=2, default=str) + "\n")
     return folder
 
@@ -126,17 +120,6 @@ def load_meta_down(folder: str | pathlib.Path, template: nnx.State) -> tuple[nnx
     path = folder / META_DOWN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: point at the output folder of experiments/meta_train.py")
-    tensors = load_file(str(path))
     info = json.loads((folder / "meta_down.json").read_text())
-    expected = _flat(template)
-    problems = [f"missing {k}" for k in expected if k not in tensors]
-    problems += [f"unexpected {k}" for k in tensors if k not in expected]
-    problems += [f"{k}: file {tensors[k].shape}, model {v.shape}" for k, v in expected.items()
-                 if k in tensors and tensors[k].shape != v.shape]
-    if problems:
-        raise ValueError(f"{path} does not fit the attached adapters (targets/ranks/base differ):\n  "
-                         + "\n  ".join(problems))
-    flat = nnx.to_flat_state(template)
-    values = [(p, v.replace(jnp.asarray(tensors[".".join(str(x) for x in p)], v.get_value().dtype)))
-              for p, v in flat]
-    return nnx.from_flat_state(values), info
+    meta = load_states(path, {"": template}, "the attached adapters (targets/ranks/base differ)")[""]
+    return meta, info

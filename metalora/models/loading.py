@@ -7,6 +7,7 @@ import pathlib
 import jax.numpy as jnp
 from flax import nnx
 
+from metalora.models.controlnet import ControlNetConfig, ControlNetModel
 from metalora.models.convert import assign_torch_state, load_config, load_safetensors
 from metalora.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -30,6 +31,19 @@ def load_unet(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jnp.fl
     # Build abstractly, then materialise: random init of an SD-size model would cost seconds for nothing.
     model = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                                         attention_backend=attention_backend, remat=remat))
+    _materialize(model)
+    assign_torch_state(model, tensors)
+    return model
+
+
+def load_controlnet(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                    attention_backend: str = "auto", remat: bool = False) -> ControlNetModel:
+    """Loads a diffusers ``ControlNetModel`` folder (``config.json`` + safetensors), or a pipeline's ``controlnet/``."""
+    folder = _component_folder(path, "controlnet")
+    config = ControlNetConfig.from_diffusers(load_config(folder))
+    tensors = load_safetensors(folder, "diffusion_pytorch_model")
+    model = nnx.eval_shape(lambda: ControlNetModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                                   attention_backend=attention_backend, remat=remat))
     _materialize(model)
     assign_torch_state(model, tensors)
     return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,7 +38,7 @@ class UnsupportedConfigError(ValueError):
 
 
 # Fields whose value must be one of the listed ones (the SD family's values); anything else is refused.
-_FIXED_FIELDS: dict[str, tuple] = {
+FIXED_FIELDS: dict[str, tuple] = {
     "act_fn": ("silu",),
     "time_embedding_type": ("positional",),
     "resnet_time_scale_shift": ("default",),
@@ -63,7 +63,7 @@ _FIXED_FIELDS: dict[str, tuple] = {
     "num_attention_heads": (None,),  # diffusers itself refuses it; heads come from `attention_head_dim`
 }
 # Informational fields that do not change the network.
-_IGNORED_FIELDS = {"sample_size"}
+IGNORED_FIELDS = {"sample_size"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,22 +104,9 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
         """Builds the config from a diffusers ``config.json`` dict, refusing anything we would build wrongly."""
-        own = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in config.items():
-            if key.startswith("_") or key in _IGNORED_FIELDS:
-                continue
-            if key in _FIXED_FIELDS:
-                if value not in _FIXED_FIELDS[key]:
-                    raise UnsupportedConfigError(
-                        f"UNet config field '{key}'={value!r} is not supported (supported: {_FIXED_FIELDS[key]})")
-                if key == "addition_embed_type":
-                    kwargs[key] = value
-                continue
-            if key not in own:
-                raise UnsupportedConfigError(f"unknown UNet config field '{key}'={value!r}")
-            kwargs[key] = _freeze(value)
-        result = cls(**kwargs)
+        result = cls(**parse_diffusers_config(config, kind="UNet", fields={f.name for f in dataclasses.fields(cls)},
+                                              fixed=FIXED_FIELDS, ignored=IGNORED_FIELDS,
+                                              kept={"addition_embed_type"}))
         result.validate()
         return result
 
@@ -172,6 +159,31 @@ class UNetConfig:
         return out
 
 
+def parse_diffusers_config(config: Mapping[str, Any], *, kind: str, fields: set[str], fixed: Mapping[str, tuple],
+                           ignored: set[str] = frozenset(), kept: set[str] = frozenset()) -> dict[str, Any]:
+    """Our dataclass kwargs from a diffusers ``config.json`` dict (shared by the UNet and the ControlNet configs).
+
+    ``fixed`` fields must hold one of the listed values (anything else builds a different network, so it is refused
+    naming the field); they are dropped unless also ``kept``. Private (``_``-prefixed) and ``ignored`` fields are
+    skipped; any other field must be one of ``fields``. Lists become tuples so the config stays hashable.
+    """
+    kwargs = {}
+    for key, value in config.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key in fixed:
+            if value not in fixed[key]:
+                raise UnsupportedConfigError(
+                    f"{kind} config field '{key}'={value!r} is not supported (supported: {fixed[key]})")
+            if key in kept:
+                kwargs[key] = value
+            continue
+        if key not in fields:
+            raise UnsupportedConfigError(f"unknown {kind} config field '{key}'={value!r}")
+        kwargs[key] = _freeze(value)
+    return kwargs
+
+
 def _freeze(value):
     if isinstance(value, list | tuple):
         return tuple(_freeze(v) for v in value)
@@ -180,6 +192,103 @@ def _freeze(value):
 
 def _per_layer(value, num_layers: int) -> tuple[int, ...]:
     return (value,) * num_layers if isinstance(value, int) else tuple(value)
+
+
+def block_spec(config: UNetConfig, i: int, num_layers: int, transformer_layers: int | tuple[int, ...],
+               output_scale_factor: float) -> BlockSpec:
+    """Block ``i``'s settings (heads, cross-attention width, ...) resolved from the config."""
+    return BlockSpec(temb_channels=config.time_embed_dim, groups=config.norm_num_groups, eps=config.norm_eps,
+                     heads=config.per_block("attention_head_dim")[i],
+                     cross_attention_dim=config.per_block("cross_attention_dim")[i],
+                     use_linear_projection=config.use_linear_projection, upcast_attention=config.upcast_attention,
+                     transformer_layers=_per_layer(transformer_layers, num_layers),
+                     output_scale_factor=output_scale_factor)
+
+
+def build_time_embeddings(config: UNetConfig, p: Precision, rngs: nnx.Rngs
+                          ) -> tuple[TimestepEmbedding, TimestepEmbedding | TextTimeEmbedding | None]:
+    """``time_embedding`` and ``add_embedding`` (None, SDXL's "text_time" MLP, or the pooled-prompt "text" one).
+
+    Shared by the UNet and the ControlNet, whose encoders must embed time identically for weights to transfer.
+    """
+    temb = config.time_embed_dim
+    time_embedding = TimestepEmbedding(config.block_out_channels[0], temb, precision=p, rngs=rngs)
+    if config.addition_embed_type == "text_time":
+        add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb, precision=p, rngs=rngs)
+    elif config.addition_embed_type == "text":
+        add_embedding = TextTimeEmbedding(config.per_block("cross_attention_dim")[0], temb,
+                                          config.addition_embed_type_num_heads, precision=p, rngs=rngs)
+    else:
+        add_embedding = None
+    return time_embedding, add_embedding
+
+
+def embed_time(config: UNetConfig, time_embedding: TimestepEmbedding, add_embedding, timesteps: jax.Array | float,
+               batch: int, context: jax.Array, added_cond_kwargs: Mapping[str, jax.Array] | None,
+               dtype) -> jax.Array:
+    """The (B, time_embed_dim) embedding every resnet receives: timestep MLP plus the optional added embedding."""
+    t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+    t_emb = timestep_embedding(t, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos,
+                               freq_shift=config.freq_shift)
+    emb = time_embedding(t_emb.astype(dtype))
+    if config.addition_embed_type == "text":  # a pooled summary of the prompt
+        emb = emb + add_embedding(context)
+    elif config.addition_embed_type == "text_time":
+        emb = emb + _text_time_embedding(config, add_embedding, added_cond_kwargs, batch, dtype)
+    return emb
+
+
+def _text_time_embedding(config: UNetConfig, add_embedding: TimestepEmbedding, added_cond_kwargs, batch: int,
+                         dtype) -> jax.Array:
+    if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+        raise ValueError("this model uses addition_embed_type='text_time' (SDXL): pass "
+                         "added_cond_kwargs={'text_embeds': (B, D), 'time_ids': (B, 6)}")
+    text_embeds = added_cond_kwargs["text_embeds"]
+    time_ids = jnp.asarray(added_cond_kwargs["time_ids"]).reshape(-1)
+    time_embeds = timestep_embedding(time_ids, config.addition_time_embed_dim, flip_sin_to_cos=config.flip_sin_to_cos,
+                                     freq_shift=config.freq_shift).reshape(batch, -1)
+    return add_embedding(jnp.concatenate([text_embeds, time_embeds], axis=-1).astype(dtype))
+
+
+def build_down_blocks(config: UNetConfig, p: Precision, rngs: nnx.Rngs) -> nnx.List:
+    """The encoder's down blocks (shared with the ControlNet, which copies them from the UNet)."""
+    channels = config.block_out_channels
+    layers = config.per_block("layers_per_block")
+    t_layers = config.per_block("transformer_layers_per_block")
+    return nnx.List([
+        DownBlock2D(channels[max(i - 1, 0)], channels[i], num_layers=layers[i], add_downsample=i < len(channels) - 1,
+                    cross_attention=_DOWN_TYPES[block_type],
+                    spec=block_spec(config, i, layers[i], t_layers[i], config.resnet_out_scale_factor),
+                    precision=p, rngs=rngs)
+        for i, block_type in enumerate(config.down_block_types)])
+
+
+def build_mid_block(config: UNetConfig, p: Precision, rngs: nnx.Rngs) -> UNetMidBlock2DCrossAttn:
+    n = len(config.block_out_channels)
+    t_layers = config.per_block("transformer_layers_per_block")
+    return UNetMidBlock2DCrossAttn(config.block_out_channels[-1],
+                                   spec=block_spec(config, n - 1, 1, t_layers[-1], config.mid_block_scale_factor),
+                                   precision=p, rngs=rngs)
+
+
+def run_down_blocks(down_blocks: nnx.List, x: jax.Array, emb: jax.Array, context: jax.Array
+                    ) -> tuple[jax.Array, list[jax.Array]]:
+    """Runs the down path after ``conv_in``; returns the lowest-resolution features and every skip connection in
+    diffusers' order: conv_in's output, then each resnet(+attention) output, then each downsampler output."""
+    skips = [x]
+    for block in down_blocks:
+        x, block_skips = block(x, emb, context)
+        skips.extend(block_skips)
+    return x, skips
+
+
+def down_residual_channels(config: UNetConfig) -> tuple[int, ...]:
+    """Channels of each skip connection ``run_down_blocks`` returns, in order (one ControlNet zero conv each)."""
+    channels = config.block_out_channels
+    out = [channels[0]]
+    for i, layers in enumerate(config.per_block("layers_per_block")):
+        out += [channels[i]] * layers + ([channels[i]] if i < len(channels) - 1 else [])
+    return tuple(out)
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -194,49 +303,20 @@ class UNet2DConditionModel(nnx.Module):
         channels = config.block_out_channels
         n = len(channels)
         layers = config.per_block("layers_per_block")
-        heads = config.per_block("attention_head_dim")
-        cross_dims = config.per_block("cross_attention_dim")
-        t_layers = config.per_block("transformer_layers_per_block")
-        temb = config.time_embed_dim
-
-        def spec(i: int, num_layers: int, transformer_layers, scale: float) -> BlockSpec:
-            return BlockSpec(temb_channels=temb, groups=config.norm_num_groups, eps=config.norm_eps, heads=heads[i],
-                             cross_attention_dim=cross_dims[i], use_linear_projection=config.use_linear_projection,
-                             upcast_attention=config.upcast_attention,
-                             transformer_layers=_per_layer(transformer_layers, num_layers), output_scale_factor=scale)
 
         self.conv_in = p.conv(config.in_channels, channels[0], config.conv_in_kernel, rngs=rngs)
-        self.time_embedding = TimestepEmbedding(channels[0], temb, precision=p, rngs=rngs)
-        if config.addition_embed_type == "text_time":
-            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb, precision=p,
-                                                   rngs=rngs)
-        elif config.addition_embed_type == "text":
-            self.add_embedding = TextTimeEmbedding(cross_dims[0], temb, config.addition_embed_type_num_heads,
-                                                   precision=p, rngs=rngs)
-        else:
-            self.add_embedding = None
-
-        down = []
-        for i, block_type in enumerate(config.down_block_types):
-            c_in = channels[max(i - 1, 0)]
-            down.append(DownBlock2D(c_in, channels[i], num_layers=layers[i], add_downsample=i < n - 1,
-                                    cross_attention=_DOWN_TYPES[block_type],
-                                    spec=spec(i, layers[i], t_layers[i], config.resnet_out_scale_factor),
-                                    precision=p, rngs=rngs))
-        self.down_blocks = nnx.List(down)
-
-        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], spec=spec(n - 1, 1, t_layers[-1],
-                                                                         config.mid_block_scale_factor),
-                                                 precision=p, rngs=rngs)
+        self.time_embedding, self.add_embedding = build_time_embeddings(config, p, rngs)
+        self.down_blocks = build_down_blocks(config, p, rngs)
+        self.mid_block = build_mid_block(config, p, rngs)
 
         rev_channels = channels[::-1]
         rev_t_layers = (config.reverse_transformer_layers_per_block if config.reverse_transformer_layers_per_block
-                        is not None else t_layers[::-1])
+                        is not None else config.per_block("transformer_layers_per_block")[::-1])
         up = []
         for i, block_type in enumerate(config.up_block_types):
             j = n - 1 - i  # the down block this up block mirrors
             num_layers = layers[::-1][i] + 1
-            up_spec = spec(j, num_layers, rev_t_layers[i], config.resnet_out_scale_factor)
+            up_spec = block_spec(config, j, num_layers, rev_t_layers[i], config.resnet_out_scale_factor)
             up.append(UpBlock2D(rev_channels[min(i + 1, n - 1)], rev_channels[max(i - 1, 0)], rev_channels[i],
                                 num_layers=num_layers, add_upsample=i < n - 1, cross_attention=_UP_TYPES[block_type],
                                 spec=up_spec, precision=p, rngs=rngs))
@@ -246,10 +326,15 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = p.conv(channels[0], config.out_channels, config.conv_out_kernel, rngs=rngs)
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array,
-                 added_cond_kwargs: Mapping[str, jax.Array] | None = None) -> jax.Array:
+                 added_cond_kwargs: Mapping[str, jax.Array] | None = None, *,
+                 down_block_additional_residuals: Sequence[jax.Array] | None = None,
+                 mid_block_additional_residual: jax.Array | None = None) -> jax.Array:
         """Predicts the diffusion target for NHWC ``sample`` at ``timesteps`` given text ``encoder_hidden_states``.
 
         ``added_cond_kwargs`` (SDXL): ``text_embeds`` (B, pooled dim) and ``time_ids`` (B, 6) micro-conditioning.
+        ``down_block_additional_residuals`` / ``mid_block_additional_residual`` (NHWC, e.g. a ControlNet's output):
+        added to every skip connection before the up path and to the mid block's output, as diffusers does. Both or
+        neither: diffusers reads down residuals alone as a (deprecated) T2I-Adapter input, which we do not build.
         """
         config = self.config
         batch = sample.shape[0]
@@ -257,26 +342,17 @@ class UNet2DConditionModel(nnx.Module):
         if config.center_input_sample:
             x = 2 * x - 1.0
         context = encoder_hidden_states.astype(self.dtype)
-
-        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
-        t_emb = timestep_embedding(t, config.block_out_channels[0], flip_sin_to_cos=config.flip_sin_to_cos,
-                                   freq_shift=config.freq_shift)
-        emb = self.time_embedding(t_emb.astype(self.dtype))
-        if config.addition_embed_type == "text":  # a pooled summary of the prompt
-            emb = emb + self.add_embedding(context)
-        elif config.addition_embed_type == "text_time":
-            emb = emb + self._text_time_embedding(added_cond_kwargs, batch)
+        emb = embed_time(config, self.time_embedding, self.add_embedding, timesteps, batch, context,
+                         added_cond_kwargs, self.dtype)
 
         # Odd spatial sizes: upsample to each skip connection's exact size rather than ×2.
         factor = 2 ** (len(config.block_out_channels) - 1)
         forward_upsample_size = any(s % factor for s in x.shape[1:3])
 
-        x = self.conv_in(x)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, emb, context)
-            skips.extend(block_skips)
+        x, skips = run_down_blocks(self.down_blocks, self.conv_in(x), emb, context)
         x = self.mid_block(x, emb, context)
+        if down_block_additional_residuals is not None or mid_block_additional_residual is not None:
+            skips, x = self._add_residuals(skips, x, down_block_additional_residuals, mid_block_additional_residual)
         for i, block in enumerate(self.up_blocks):
             count = len(block.resnets)
             block_skips, skips = skips[-count:], skips[:-count]
@@ -284,16 +360,16 @@ class UNet2DConditionModel(nnx.Module):
             x = block(x, block_skips, emb, context, upsample_size)
         return self.conv_out(nnx.silu(self.conv_norm_out(x)))
 
-    def _text_time_embedding(self, added_cond_kwargs, batch: int) -> jax.Array:
-        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-            raise ValueError("this UNet uses addition_embed_type='text_time' (SDXL): pass "
-                             "added_cond_kwargs={'text_embeds': (B, D), 'time_ids': (B, 6)}")
-        text_embeds = added_cond_kwargs["text_embeds"]
-        time_ids = jnp.asarray(added_cond_kwargs["time_ids"]).reshape(-1)
-        time_embeds = timestep_embedding(time_ids, self.config.addition_time_embed_dim,
-                                         flip_sin_to_cos=self.config.flip_sin_to_cos,
-                                         freq_shift=self.config.freq_shift).reshape(batch, -1)
-        return self.add_embedding(jnp.concatenate([text_embeds, time_embeds], axis=-1).astype(self.dtype))
+    def _add_residuals(self, skips: list[jax.Array], mid: jax.Array, down_residuals, mid_residual
+                       ) -> tuple[list[jax.Array], jax.Array]:
+        if down_residuals is None or mid_residual is None:
+            raise ValueError("pass both down_block_additional_residuals and mid_block_additional_residual (a "
+                             "ControlNet's two outputs); down residuals alone (T2I-Adapter) are not supported")
+        if len(down_residuals) != len(skips):
+            raise ValueError(f"down_block_additional_residuals has {len(down_residuals)} entries, this UNet has "
+                             f"{len(skips)} skip connections (channels {down_residual_channels(self.config)})")
+        skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
+        return skips, mid + mid_residual.astype(mid.dtype)
 
 
 def count_params(model_or_state: Any) -> int:

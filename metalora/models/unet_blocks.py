@@ -35,10 +35,12 @@ class Precision:
         return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
     def conv(self, c_in: int, c_out: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
-             padding: int | None = None) -> nnx.Conv:
+             padding: int | None = None, zero_init: bool = False) -> nnx.Conv:
+        """A square conv; ``zero_init`` starts it at exactly zero (ControlNet's "zero convolutions")."""
         pad = (kernel - 1) // 2 if padding is None else padding
+        init = {"kernel_init": nnx.initializers.zeros_init()} if zero_init else {}
         return nnx.Conv(c_in, c_out, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs, **init)
 
     def group_norm(self, channels: int, groups: int, eps: float, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
         # Exact two-pass variance: the one-pass E[x²]-E[x]² form loses precision in low-variance channels.

@@ -172,3 +172,53 @@ def plot_curves(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NNX states as safetensors (keys = "<part>.<dotted path>"): small learned artefacts such as D or an ID encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def state_tensors(state) -> dict[str, np.ndarray]:
+    """An ``nnx.State`` as {dotted path: array}."""
+    from flax import nnx
+
+    return {".".join(str(p) for p in path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
+def save_states(path: str | os.PathLike, parts: Mapping[str, object], fmt: str) -> pathlib.Path:
+    """Writes several named states into one safetensors file atomically (``parts``: {prefix: nnx.State}; the prefix
+    "" stores a state's paths unprefixed)."""
+    from safetensors.numpy import save
+
+    tensors = {(f"{prefix}.{k}" if prefix else k): v for prefix, state in parts.items()
+               for k, v in state_tensors(state).items()}
+    return atomic_write_bytes(path, save(tensors, metadata={"format": fmt}))
+
+
+def load_states(path: str | os.PathLike, templates: Mapping[str, object], what: str) -> dict[str, object]:
+    """Reads what ``save_states`` wrote into the structures (and dtypes) of ``templates``. Every missing, unexpected or
+    mis-shaped tensor is reported in one error that names the keys (``what`` says what should have fitted)."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    path = pathlib.Path(path)
+    tensors = load_file(str(path))
+    expected = {(f"{prefix}.{k}" if prefix else k): v for prefix, state in templates.items()
+                for k, v in state_tensors(state).items()}
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: file {tensors[k].shape}, model {v.shape}" for k, v in expected.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"{path} does not fit {what}:\n  " + "\n  ".join(problems))
+
+    def fill(prefix, template):
+        def key(p):
+            dotted = ".".join(str(x) for x in p)
+            return f"{prefix}.{dotted}" if prefix else dotted
+        return nnx.from_flat_state([(p, v.replace(jnp.asarray(tensors[key(p)], v.get_value().dtype)))
+                                    for p, v in nnx.to_flat_state(template)])
+
+    return {prefix: fill(prefix, template) for prefix, template in templates.items()}

@@ -1,0 +1,155 @@
+"""PhotoMaker-style tuning-free personalization on the base model: the stacked ID embedding and its UNet LoRA.
+
+``StackedID`` binds a base model, an ``IDEncoder`` graph and a LoRA on the UNet. Its pure functions condition the
+base model on a subject's reference photos (``metalora.models.id_encoder`` explains where the stack goes):
+
+* ``embed_references``: reference images → image embeddings (N, image_dim), computed once per subject;
+* ``id_contexts``: prompt ids with the trigger word ("a photo of sks person ...") → prompt embeddings with the fused
+  ID tokens in the class word's place;
+* ``denoising_loss``: the training objective (a different photo of the same person as the target), also the
+  held-out evaluation;
+* ``sample``: DDIM + CFG; the first ``start_merge_step`` steps read the plain class prompt (layout first, as in
+  PhotoMaker), the rest the ID prompt.
+
+``experiments/train_id_encoder.py`` trains encoder + LoRA on ``meta_train`` identities;
+``metalora.eval.methods.stacked_id_method`` evaluates it in the harness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from metalora.data import world
+from metalora.diffusion import ddim_sample, diffusion_loss, initial_noise, loss_weights, training_inputs
+from metalora.lora import init_subject_state, merge_roles, merged_params, take_heads
+from metalora.meta.personalize import attach_adapters, lora_config
+from metalora.models import base_model as bm
+from metalora.models.id_encoder import (
+    IDEncoder,
+    IDEncoderConfig,
+    class_embedding,
+    drop_token,
+    pad_rows,
+    stack_id,
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackedID:
+    """Static parts (graphs, token ids, frozen UNet base); hashable by identity, so usable as a static jit argument."""
+
+    model: bm.BaseModel
+    encoder_def: nnx.GraphDef
+    unet_def: nnx.GraphDef  # the UNet with LoRA adapters
+    unet_base: nnx.State
+    unet_meta: nnx.State  # empty for a two-factor LoRA
+    trigger: int
+    class_token: int
+    pad_id: int
+
+    @functools.cached_property
+    def merging_unet_fn(self):
+        """``_merging_unet`` bound to the base UNet, made once so samplers compile once per system."""
+        return functools.partial(_merging_unet, self.model.unet_fn)
+
+
+def build(model: bm.BaseModel, params: bm.BaseParams, config: IDEncoderConfig, *, lora_targets: Any = "attn",
+          lora_rank: int = 4, key: jax.Array, trigger: str = world.DEFAULT_IDENTIFIER,
+          class_word: str = world.CLASS_WORD) -> tuple[StackedID, nnx.State, nnx.State]:
+    """``(system, fresh encoder state, fresh LoRA state)``; the LoRA starts as a no-op (its up factor is zero)."""
+    if config.text_dim != model.config.text_encoder.hidden_size:
+        raise ValueError(f"IDEncoderConfig.text_dim={config.text_dim} but the base model's text encoder is "
+                         f"{model.config.text_encoder.hidden_size} wide")
+    for word in (trigger, class_word):
+        if word not in set(model.tokenizer.tokens):
+            raise ValueError(f"stacked ID: {word!r} is not a token of the base model's tokenizer")
+    k_enc, k_lora, k_heads = jax.random.split(key, 3)
+    encoder_def, encoder_state = nnx.split(IDEncoder(config, rngs=nnx.Rngs(k_enc)))
+    unet_def, base, meta, heads = attach_adapters(model, params, lora_config("lora", targets=lora_targets,
+                                                                             rank=lora_rank), k_lora)
+    lora_state = take_heads(init_subject_state(merge_roles(unet_def, base, meta, heads), k_heads, 1), 0)
+    tok = model.tokenizer
+    system = StackedID(model, encoder_def, unet_def, base, meta, tok.token_to_id(trigger), tok.token_to_id(class_word),
+                       tok.pad_token_id)
+    return system, encoder_state, lora_state
+
+
+def embed_references(system: StackedID, encoder_state: nnx.State, images: jax.Array) -> jax.Array:
+    """(N, H, W, 3) reference photos in [-1, 1] → (N, image_dim)."""
+    return nnx.merge(system.encoder_def, encoder_state).image_encoder(images)
+
+
+def id_contexts(system: StackedID, encoder_state: nnx.State, text_params: nnx.State, image_embeds: jax.Array,
+                input_ids: jax.Array) -> jax.Array:
+    """(B, L + N - 1, D) prompt embeddings: trigger dropped, class word's row → fused ID token 0, the rest appended."""
+    ids = jax.vmap(lambda row: drop_token(row, system.trigger, system.pad_id))(input_ids)
+    context = bm.encode_text(system.model, text_params, ids)
+    fuse = nnx.merge(system.encoder_def, encoder_state).fuse
+    fused = jax.vmap(lambda c, i: fuse(image_embeds, class_embedding(c, i, system.class_token)))(context, ids)
+    return jax.vmap(lambda c, i, f: stack_id(c, i, system.class_token, f))(context, ids, fused)
+
+
+def plain_contexts(system: StackedID, text_params: nnx.State, input_ids: jax.Array, extra_rows: int) -> jax.Array:
+    """The prompt without the trigger and without ID tokens ("a photo of person ..."), padded to the ID length."""
+    ids = jax.vmap(lambda row: drop_token(row, system.trigger, system.pad_id))(input_ids)
+    return jax.vmap(lambda c: pad_rows(c, extra_rows))(bm.encode_text(system.model, text_params, ids))
+
+
+def unet_params(system: StackedID, lora_state: nnx.State) -> nnx.State:
+    """The UNet's plain parameters with the LoRA merged in (samples at base-model speed)."""
+    return merged_params(system.unet_def, system.unet_base, system.unet_meta, lora_state)
+
+
+def denoising_loss(system: StackedID, encoder_state: nnx.State, lora_state: nnx.State, text_params: nnx.State,
+                   image_embeds: jax.Array, batch: Mapping[str, jax.Array], key: jax.Array, *,
+                   cond_drop_prob: float = 0.0, min_snr_gamma: float | None = None) -> jax.Array:
+    """Denoising loss of ``batch`` (``images`` (b, H, W, 3), ``input_ids`` (b, L) with the trigger) conditioned on
+    the ID tokens of ``image_embeds``. ``cond_drop_prob``: each example's prompt becomes the (padded) empty prompt
+    with this probability, so the LoRA keeps the unconditional branch that guidance needs."""
+    k_drop, k_noise = jax.random.split(key)
+    context = id_contexts(system, encoder_state, text_params, image_embeds, batch["input_ids"])
+    if cond_drop_prob > 0:
+        empty = jnp.broadcast_to(jnp.asarray(system.model.empty_ids)[None], batch["input_ids"].shape)
+        uncond = plain_contexts(system, text_params, empty, image_embeds.shape[0] - 1)
+        dropped = jax.random.bernoulli(k_drop, cond_drop_prob, (context.shape[0],))
+        context = jnp.where(dropped[:, None, None], uncond, context)
+    unet = merge_roles(system.unet_def, system.unet_base, system.unet_meta, lora_state)
+    x_t, t, target = training_inputs(system.model.schedule, k_noise, batch["images"])
+    return diffusion_loss(unet(x_t, t, context), target, loss_weights(system.model.schedule, t, min_snr_gamma))
+
+
+def _merging_unet(unet_fn, params, x, t, cond):
+    """The UNet on ``cond["early"]`` while t ≥ ``cond["merge_t"]``, on ``cond["late"]`` afterwards."""
+    early = (t >= cond["merge_t"])[:, None, None]
+    return unet_fn(params, x, t, jnp.where(early, cond["early"], cond["late"]))
+
+
+def sample(system: StackedID, encoder_state: nnx.State, lora_state: nnx.State, text_params: nnx.State,
+           image_embeds: jax.Array, input_ids: jax.Array, keys: jax.Array, *, num_inference_steps: int = 25,
+           guidance_scale: float = 3.0, start_merge_step: int = 0) -> jax.Array:
+    """Images (B, H, W, 3) in [0, 1] for prompts with the trigger; DDIM + CFG. Steps before ``start_merge_step`` use
+    the plain class prompt (no ID tokens), so the layout forms before the identity is injected (PhotoMaker)."""
+    model = system.model
+    extra = image_embeds.shape[0] - 1
+    late = id_contexts(system, encoder_state, text_params, image_embeds, input_ids)
+    early = plain_contexts(system, text_params, input_ids, extra)
+    empty = plain_contexts(system, text_params, jnp.broadcast_to(jnp.asarray(model.empty_ids)[None], input_ids.shape),
+                           extra)
+    timesteps = model.schedule.inference_timesteps(num_inference_steps)
+    # t ≥ merge_t exactly for the first start_merge_step steps (timesteps decrease); with 0 no timestep reaches it
+    never = model.schedule.num_train_timesteps
+    merge_t = jnp.asarray(timesteps[start_merge_step - 1] if start_merge_step > 0 else never, jnp.int32)
+    merge_t = jnp.broadcast_to(merge_t, (input_ids.shape[0],))
+    cond = {"early": early, "late": late, "merge_t": merge_t}
+    uncond = {"early": empty, "late": empty, "merge_t": merge_t}
+    x0 = ddim_sample(system.merging_unet_fn, unet_params(system, lora_state), model.schedule,
+                     initial_noise(keys, model.sample_shape), cond, uncond, num_inference_steps=num_inference_steps,
+                     guidance_scale=guidance_scale, keys=keys)
+    return jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
