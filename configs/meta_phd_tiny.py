@@ -128,6 +128,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # D meta-trained on LFW identities with the LFW base (configs/meta_lora_tiny.py:lfw)
         c.method.meta_lora.meta_down = "runs/meta_lfw/meta_down"
         c.method.stacked_id.folder = "runs/id_encoder_lfw/id_encoder"  # configs/id_encoder_tiny.py:lfw
+        c.sample.seeds_per_prompt = 8  # real photos have one prompt (the class prompt): more seeds per identity
         c.probes = ""
         c.judge = "dlib"
         c.report.title = "Meta-PHD-style benchmark (held-out LFW identities, dlib FaceSim)"
