@@ -38,7 +38,7 @@ from metalora.meta.inner import STEP, ExampleLoss, InnerLoopConfig
 from metalora.meta.personalize import attach_adapters, load_meta_down, lora_config
 from metalora.models import base_model as bm
 from metalora.models.unet_blocks import Attention, pop_cross_attention_maps, record_cross_attention
-from metalora.train.optim import Stage, staged_optimizer
+from metalora.train.optim import Stage, stage_index, staged_optimizer
 
 __all__ = [
     "METHODS",
@@ -269,9 +269,9 @@ def attn_dreambooth_method(model: bm.BaseModel, params: bm.BaseParams, schedule:
     if unknown:
         raise ValueError(f"attn_dreambooth: unknown parameter group(s) {sorted(unknown)}; groups are {sorted(groups)}")
     token, class_token = _token_ids(model, identifier, class_word)
-    graphdef, cross, rest = nnx.split(model.unet(params), _cross_attention_filter(model.unet(params)), ...)
+    unet = model.unet(params)
+    graphdef, cross, rest = nnx.split(unet, _cross_attention_filter(unet), ...)
     text = params["text_encoder"]
-    boundaries = jnp.cumsum(jnp.asarray([s.steps for s in stages]))[:-1]
     weight_table = jnp.asarray(reg_weights, jnp.float32)
 
     def init(k):
@@ -295,7 +295,7 @@ def attn_dreambooth_method(model: bm.BaseModel, params: bm.BaseParams, schedule:
 
     def loss(trainable, batch, k):
         denoise, maps = forward(trainable, batch, k, record=True)
-        w_mean, w_var = weight_table[jnp.searchsorted(boundaries, batch[STEP], side="right")]
+        w_mean, w_var = weight_table[stage_index(stages, batch[STEP])]
         return denoise + attention_map_regularizer(maps, batch["input_ids"], token, class_token, w_mean, w_var)
 
     def sampling_params(trainable):

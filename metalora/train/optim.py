@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 __all__ = ["OPTIMIZER_DEFAULTS", "Stage", "accumulate_steps", "make_lr_schedule", "make_optimizer", "ndim_decay_mask",
-           "staged_optimizer"]
+           "stage_index", "staged_optimizer"]
 
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-4,
@@ -173,6 +173,12 @@ class StagedState(NamedTuple):
     stages: tuple[Any, ...]  # one optimiser state per stage
 
 
+def stage_index(stages: Sequence[Stage], step: jax.Array | int) -> jax.Array:
+    """Index of the stage that step ``step`` (0-based) belongs to; past the last stage, the last stage."""
+    boundaries = jnp.cumsum(jnp.asarray([s.steps for s in stages]))[:-1]
+    return jnp.searchsorted(boundaries, step, side="right")
+
+
 def staged_optimizer(stages: Sequence[Stage], labels: Callable[[Any], Any]) -> optax.GradientTransformation:
     """Stage 0 for ``stages[0].steps`` updates, then stage 1, ...; the last stage continues past its length.
 
@@ -186,7 +192,6 @@ def staged_optimizer(stages: Sequence[Stage], labels: Callable[[Any], Any]) -> o
     stages = tuple(stages)
     if not stages:
         raise ValueError("staged_optimizer: no stages")
-    boundaries = jnp.cumsum(jnp.asarray([s.steps for s in stages]))[:-1]
 
     def stage_tx(stage: Stage) -> optax.GradientTransformation:
         def train_or_freeze(params):
@@ -200,7 +205,7 @@ def staged_optimizer(stages: Sequence[Stage], labels: Callable[[Any], Any]) -> o
         return StagedState(jnp.zeros([], jnp.int32), tuple(tx.init(params) for tx in txs))
 
     def update(grads, state, params=None):
-        index = jnp.searchsorted(boundaries, state.count, side="right")
+        index = stage_index(stages, state.count)
 
         def branch(i):
             def run(grads, inner, params):
