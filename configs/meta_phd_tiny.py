@@ -10,7 +10,8 @@ learning rates under ``method.<name>.learning_rate`` runs a sweep (variants ``<n
 Arguments: ``""`` (default), ``"study"`` (the does-it-work study: Meta-LoRA vs LoRA, held-out loss vs steps, an LR
 sweep of 3 each), ``"lfw"`` (held-out LFW identities, judged by dlib's face descriptor; needs the LFW base from
 ``configs/base_lfw.py`` at ``runs/base_lfw/base_model``, a Meta-Down from ``configs/meta_lora_tiny.py:lfw`` at
-``runs/meta_lfw/meta_down`` and ``pip install -e ".[faces]"``), ``"smoke"`` (random tiny
+``runs/meta_lfw/meta_down``, an ID encoder from ``configs/id_encoder_tiny.py:lfw`` at ``runs/id_encoder_lfw`` and
+``pip install -e ".[faces]"``), ``"smoke"`` (random tiny
 base, a few steps, the ``smoke`` dataset, no probes).
 """
 
