@@ -25,25 +25,26 @@ def _component_folder(path: str | pathlib.Path, subfolder: str) -> pathlib.Path:
 def load_unet(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jnp.float32, attention_backend: str = "auto",
               remat: bool = False) -> UNet2DConditionModel:
     """Loads a diffusers ``UNet2DConditionModel`` folder (``config.json`` + safetensors, sharded or not)."""
-    folder = _component_folder(path, "unet")
-    config = UNetConfig.from_diffusers(load_config(folder))
-    tensors = load_safetensors(folder, "diffusion_pytorch_model")
-    # Build abstractly, then materialise: random init of an SD-size model would cost seconds for nothing.
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                                        attention_backend=attention_backend, remat=remat))
-    _materialize(model)
-    assign_torch_state(model, tensors)
-    return model
+    return _load_component(path, "unet", UNetConfig.from_diffusers, lambda config: UNet2DConditionModel(
+        config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend,
+        remat=remat))
 
 
 def load_controlnet(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
                     attention_backend: str = "auto", remat: bool = False) -> ControlNetModel:
     """Loads a diffusers ``ControlNetModel`` folder (``config.json`` + safetensors), or a pipeline's ``controlnet/``."""
-    folder = _component_folder(path, "controlnet")
-    config = ControlNetConfig.from_diffusers(load_config(folder))
+    return _load_component(path, "controlnet", ControlNetConfig.from_diffusers, lambda config: ControlNetModel(
+        config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend,
+        remat=remat))
+
+
+def _load_component(path, subfolder: str, parse_config, build):
+    """A diffusers model folder → our module: parse its config, build it, assign its safetensors weights."""
+    folder = _component_folder(path, subfolder)
+    config = parse_config(load_config(folder))
     tensors = load_safetensors(folder, "diffusion_pytorch_model")
-    model = nnx.eval_shape(lambda: ControlNetModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                                   attention_backend=attention_backend, remat=remat))
+    # Build abstractly, then materialise: random init of an SD-size model would cost seconds for nothing.
+    model = nnx.eval_shape(lambda: build(config))
     _materialize(model)
     assign_torch_state(model, tensors)
     return model
