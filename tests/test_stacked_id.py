@@ -61,7 +61,7 @@ def test_id_context_is_the_class_free_prompt_with_the_fused_token(system):
     embeds = sid.embed_references(s, encoder, refs["images"])
     ctx = sid.id_contexts(s, encoder, params["text_encoder"], embeds, batch["input_ids"])
     assert ctx.shape[1] == batch["input_ids"].shape[1] + 1  # 2 references: one extra row
-    plain_ids = jnp.asarray(model.tokenize(["a photo of person"] * 3))
+    plain_ids = jnp.asarray(model.tokenize(["a photo of a person"] * 3))
     plain = bm.encode_text(model, params["text_encoder"], plain_ids)
     position = int(np.flatnonzero(np.asarray(plain_ids[0]) == s.class_token)[0])
     keep = [i for i in range(plain.shape[1]) if i != position]
@@ -70,6 +70,14 @@ def test_id_context_is_the_class_free_prompt_with_the_fused_token(system):
     fused = fuse(embeds, plain[0, position])
     np.testing.assert_allclose(ctx[0, position], fused[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ctx[0, -1], fused[1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_trigger_goes_back_to_the_plain_word_or_is_dropped(system):
+    model, params, config, s, _, _ = system
+    ids = jnp.asarray(model.tokenize(["a photo of sks person, smiling"]))
+    np.testing.assert_array_equal(s.plain_ids(ids), model.tokenize(["a photo of a person, smiling"]))
+    dropping, _, _ = sid.build(model, params, config, lora_rank=2, key=jax.random.key(0), plain_word=None)
+    np.testing.assert_array_equal(dropping.plain_ids(ids), model.tokenize(["a photo of person, smiling"]))
 
 
 def test_a_fresh_lora_leaves_the_base_unet_unchanged(system):
@@ -91,14 +99,14 @@ def test_a_fresh_lora_leaves_the_base_unet_unchanged(system):
 
 
 def test_sampling_reads_the_plain_prompt_before_the_merge_step(system):
-    """All steps before the merge = the base sampler on "a photo of person" (fresh LoRA); merging earlier differs."""
+    """All steps before the merge = the base sampler on "a photo of a person" (fresh LoRA)."""
     model, params, _, s, encoder, lora = system
     embeds = sid.embed_references(s, encoder, _photos(model, 1)["images"])
     ids = jnp.asarray(model.tokenize(["a photo of sks person"] * 2))
     keys = jax.random.split(jax.random.key(5), 2)
     kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0}
     never = sid.sample(s, encoder, lora, params["text_encoder"], embeds, ids, keys, start_merge_step=3, **kwargs)
-    base = bm.sample_from_ids(model, params, jnp.asarray(model.tokenize(["a photo of person"] * 2)), keys, **kwargs)
+    base = bm.sample_from_ids(model, params, jnp.asarray(model.tokenize(["a photo of a person"] * 2)), keys, **kwargs)
     np.testing.assert_allclose(never, base, atol=1e-5)
     # merged from the start = DDIM + CFG on the ID prompt throughout
     merged = sid.sample(s, encoder, lora, params["text_encoder"], embeds, ids, keys, start_merge_step=0, **kwargs)

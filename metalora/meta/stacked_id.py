@@ -4,8 +4,8 @@
 base model on a subject's reference photos (``metalora.models.id_encoder`` explains where the stack goes):
 
 * ``embed_references``: reference images → image embeddings (N, image_dim), computed once per subject;
-* ``id_contexts``: prompt ids with the trigger word ("a photo of sks person ...") → prompt embeddings with the fused
-  ID tokens in the class word's place;
+* ``id_contexts``: prompt ids with the trigger word ("a photo of sks person ...") → prompt embeddings of the plain
+  prompt ("a photo of a person ...", as the training captions read) with the fused ID tokens in the class word's place;
 * ``denoising_loss``: the training objective (a different photo of the same person as the target), also the
   held-out evaluation;
 * ``sample``: DDIM + CFG; the first ``start_merge_step`` steps read the plain class prompt (layout first, as in
@@ -53,6 +53,13 @@ class StackedID:
     trigger: int
     class_token: int
     pad_id: int
+    plain_token: int | None  # the word the trigger stands in for ("a" in "a photo of a person"); None: drop it
+
+    def plain_ids(self, input_ids: jax.Array) -> jax.Array:
+        """Prompt ids as the encoder was trained on them: the trigger back to the plain word (or dropped)."""
+        if self.plain_token is not None:
+            return jnp.where(input_ids == self.trigger, self.plain_token, input_ids)
+        return jax.vmap(lambda row: drop_token(row, self.trigger, self.pad_id))(input_ids)
 
     @functools.cached_property
     def merging_unet_fn(self):
@@ -62,12 +69,17 @@ class StackedID:
 
 def build(model: bm.BaseModel, params: bm.BaseParams, config: IDEncoderConfig, *, lora_targets: Any = "attn",
           lora_rank: int = 4, key: jax.Array, trigger: str = world.DEFAULT_IDENTIFIER,
-          class_word: str = world.CLASS_WORD) -> tuple[StackedID, nnx.State, nnx.State]:
-    """``(system, fresh encoder state, fresh LoRA state)``; the LoRA starts as a no-op (its up factor is zero)."""
+          class_word: str = world.CLASS_WORD, plain_word: str | None = "a") -> tuple[StackedID, nnx.State, nnx.State]:
+    """``(system, fresh encoder state, fresh LoRA state)``; the LoRA starts as a no-op (its up factor is zero).
+
+    ``plain_word``: the word the trigger replaces in the prompts ("a photo of sks person" is the world's identifier
+    form of "a photo of a person", the captions the encoder trains on), so evaluation prompts read as training
+    captions; None drops the trigger instead.
+    """
     if config.text_dim != model.config.text_encoder.hidden_size:
         raise ValueError(f"IDEncoderConfig.text_dim={config.text_dim} but the base model's text encoder is "
                          f"{model.config.text_encoder.hidden_size} wide")
-    for word in (trigger, class_word):
+    for word in (trigger, class_word, *([plain_word] if plain_word else [])):
         if word not in set(model.tokenizer.tokens):
             raise ValueError(f"stacked ID: {word!r} is not a token of the base model's tokenizer")
     k_enc, k_lora, k_heads = jax.random.split(key, 3)
@@ -77,7 +89,7 @@ def build(model: bm.BaseModel, params: bm.BaseParams, config: IDEncoderConfig, *
     lora_state = take_heads(init_subject_state(merge_roles(unet_def, base, meta, heads), k_heads, 1), 0)
     tok = model.tokenizer
     system = StackedID(model, encoder_def, unet_def, base, meta, tok.token_to_id(trigger), tok.token_to_id(class_word),
-                       tok.pad_token_id)
+                       tok.pad_token_id, tok.token_to_id(plain_word) if plain_word else None)
     return system, encoder_state, lora_state
 
 
@@ -88,8 +100,8 @@ def embed_references(system: StackedID, encoder_state: nnx.State, images: jax.Ar
 
 def id_contexts(system: StackedID, encoder_state: nnx.State, text_params: nnx.State, image_embeds: jax.Array,
                 input_ids: jax.Array) -> jax.Array:
-    """(B, L + N - 1, D) prompt embeddings: trigger dropped, class word's row → fused ID token 0, the rest appended."""
-    ids = jax.vmap(lambda row: drop_token(row, system.trigger, system.pad_id))(input_ids)
+    """(B, L + N - 1, D) prompt embeddings: the plain prompt, class word's row → fused ID token 0, the rest appended."""
+    ids = system.plain_ids(input_ids)
     context = bm.encode_text(system.model, text_params, ids)
     fuse = nnx.merge(system.encoder_def, encoder_state).fuse
     fused = jax.vmap(lambda c, i: fuse(image_embeds, class_embedding(c, i, system.class_token)))(context, ids)
@@ -97,8 +109,8 @@ def id_contexts(system: StackedID, encoder_state: nnx.State, text_params: nnx.St
 
 
 def plain_contexts(system: StackedID, text_params: nnx.State, input_ids: jax.Array, extra_rows: int) -> jax.Array:
-    """The prompt without the trigger and without ID tokens ("a photo of person ..."), padded to the ID length."""
-    ids = jax.vmap(lambda row: drop_token(row, system.trigger, system.pad_id))(input_ids)
+    """The plain prompt without ID tokens ("a photo of a person ..."), padded to the ID length."""
+    ids = system.plain_ids(input_ids)
     return jax.vmap(lambda c: pad_rows(c, extra_rows))(bm.encode_text(system.model, text_params, ids))
 
 

@@ -6,8 +6,9 @@ take the class word's place in the prompt embedding that every cross-attention l
 identities (reference set → a different photo of the same person); at test time there is no optimisation.
 
 Where the stack goes: the prompt is written with a trigger word before the class word ("a photo of sks person ...").
-The trigger is removed from the token ids (the ids shift left, a pad fills the end), the text encoder runs, the
-class word's row becomes fused embedding 0 and embeddings 1..N-1 are appended as extra rows. Appending is
+The trigger goes back to the word it stands for ("a photo of a person ...", the training captions' form; or it is
+dropped, the ids shifting left), the text encoder runs, the class word's row becomes fused embedding 0 and embeddings
+1..N-1 are appended as extra rows. Appending is
 equivalent to inserting them next to the class word because cross-attention keys carry no positions (the text
 encoder has already run); it keeps every prompt's layout fixed for any N. For classifier-free guidance the
 unconditional context is padded to the same length with copies of its last (padding) row.
