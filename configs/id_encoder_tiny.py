@@ -11,6 +11,8 @@ encoder stay frozen. Arguments: ``""``, ``"lfw"`` (LFW identities on the LFW bas
 
 import ml_collections
 
+from configs import meta_lora_tiny
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "smoke", "lfw"):
@@ -33,15 +35,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.lora.targets = "attn"
     c.lora.rank = 4
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "synth"
-    c.data.synth_config = "r32"
-    c.data.folder_root = ""
-    c.data.data_dir = ""
-    c.data.split = "meta_train"
-    c.data.flip_prob = 0.5
-    c.data.pad_fraction = 0.0625
-    c.data.num_threads = 2
+    # The same identity episodes as meta-training D (meta_train split, flips, small shifts), per argument.
+    c.data = meta_lora_tiny.get_config(arg).data
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 600
@@ -66,15 +61,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if arg == "lfw":
         c.base.path = "runs/base_lfw/base_model"
-        c.data.source = "folders"
     if smoke:
         c.base.path = "random:smoke"
         c.encoder.channels = (8, 16)
         c.encoder.image_dim = 16
         c.encoder.fuse_hidden = 32
         c.encoder.groups = 4
-        c.data.synth_config = "smoke"
-        c.data.num_threads = 1
         c.train.steps = 4
         c.train.identities_per_step = 2
         c.train.log_every = 2
