@@ -290,6 +290,101 @@ def _hair_cap(outline, cx, cy, fw, fh, grow, hairline) -> list[tuple[float, floa
     return top + line
 
 
+HEAD_CENTRE = (0.5, 0.47)  # unit coordinates of the head's centre before jitter (the centre of scale and roll)
+
+
+def apply_jitter(layer: Image.Image, jitter: np.ndarray) -> Image.Image:
+    """Geometric jitter of a square figure layer: scale/roll about the head centre, then shift (fractions of the side).
+
+    Shared by the photo renderer and the control maps (``metalora.data.controls``) so both move identically.
+    """
+    S = layer.size[0]
+    cx, cy = HEAD_CENTRE
+    scale, dx, dy, roll = (float(v) for v in jitter)
+    th = np.deg2rad(roll)
+    c, s = np.cos(th) / scale, np.sin(th) / scale  # PIL wants the output->input map
+    ox, oy = cx * S, cy * S
+    tx, ty = (cx + dx) * S, (cy + dy) * S
+    coeffs = (c, s, ox - c * tx - s * ty, -s, c, oy + s * tx - c * ty)
+    return layer.transform((S, S), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
+
+
+def lighting_gain(lighting: str, size: int) -> np.ndarray:
+    """(size, size) float32 brightness gain of the figure under ``lighting`` (the background stays flat)."""
+    xs = np.linspace(-1.0, 1.0, size, dtype=np.float32)[None, :]
+    ys = np.linspace(-1.0, 1.0, size, dtype=np.float32)[:, None]
+    gain = {
+        "left": 1.12 - 0.35 * (xs + 1.0),
+        "right": 1.12 - 0.35 * (1.0 - xs),
+        "front": 1.1 - 0.3 * (xs**2 + (ys + 0.1) ** 2),
+    }[lighting]
+    return np.broadcast_to(gain, (size, size))
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceLayout:
+    """Where the face's parts go (unit coordinates, before jitter): what a landmark detector would report.
+
+    ``eyes``: (x, y, rx, ry) per eye, left first; ``nose``: the triangle's 3 points; ``mouth``: (x, y, half width,
+    lip height). Computed once and used both to draw the photo and to draw landmark control maps.
+    """
+
+    fw: float  # face half width
+    fh: float  # face half height
+    yaw: float  # -1 left, 0 frontal, 1 right
+    outline: tuple[tuple[float, float], ...]
+    eyes: tuple[tuple[float, float, float, float], ...]
+    nose: tuple[tuple[float, float], ...]
+    mouth: tuple[float, float, float, float]
+    expression: str
+
+
+def face_layout(traits: np.ndarray, attributes: dict[str, str]) -> FaceLayout:
+    """The face geometry of ``traits`` in pose and expression ``attributes`` (pure; no pixels)."""
+    t = np.asarray(traits, np.float64)
+    cx, cy = HEAD_CENTRE
+    fw = 0.19 + 0.09 * t[_T["face_width"]]
+    fh = 0.25 + 0.07 * t[_T["face_length"]]
+    yaw = {"left": -1.0, "frontal": 0.0, "right": 1.0}[attributes["pose"]]
+    expression = attributes["expression"]
+
+    def F(u: float, v: float, depth: float = 1.0) -> tuple[float, float]:
+        """Face-relative (u, v) in [-1, 1] to unit coordinates; yaw shifts nearer features (larger depth) more."""
+        return (cx + fw * (u + 0.28 * yaw * depth), cy + fh * v)
+
+    outline = _face_outline(cx + 0.08 * yaw * fw, cy, fw * (1 - 0.06 * abs(yaw)), fh, t[_T["jaw_width"]])
+    ew = 0.13 + 0.09 * t[_T["eye_size"]]
+    eh = ew * (0.75 if expression != "surprised" else 1.0) * fw / fh
+    eu = 0.3 + 0.18 * t[_T["eye_spacing"]]
+    ev = -0.12 - 0.15 * (t[_T["eye_height"]] - 0.5)
+    eyes = []
+    for side in (-1.0, 1.0):
+        squeeze = 1.0 - 0.35 * max(0.0, -yaw * side)  # the far eye is foreshortened
+        x, y = F(side * eu, ev)
+        eyes.append((x, y, ew * fw * squeeze, eh * fh))
+    nl = 0.12 + 0.2 * t[_T["nose_length"]]
+    nw = 0.07 + 0.1 * t[_T["nose_width"]]
+    nose = (F(0, ev + 0.05, 1.5), F(-nw, ev + 0.1 + nl + 0.08, 1.5), F(nw, ev + 0.1 + nl + 0.08, 1.5))
+    mw = 0.2 + 0.2 * t[_T["mouth_width"]]
+    mx, my = F(0, 0.5 + 0.05 * t[_T["face_length"]], 1.1)
+    mh = (0.035 + 0.05 * t[_T["lip_fullness"]]) * fh
+    return FaceLayout(fw, fh, yaw, tuple(outline), tuple(eyes), nose, (mx, my, mw * fw, mh), expression)
+
+
+def draw_mouth(d: ImageDraw.ImageDraw, box, layout: FaceLayout, *, lip, inside, teeth, width: int) -> None:
+    """The mouth of ``layout`` by expression: lips for neutral, an open smile with teeth, a round open mouth."""
+    mx, my, half_width, mh = layout.mouth
+    if layout.expression == "neutral":
+        d.ellipse(box(mx - half_width, my - mh * 0.6, mx + half_width, my + mh * 0.6), fill=lip)
+    elif layout.expression == "smiling":
+        w = half_width * 1.2
+        d.chord(box(mx - w, my - 2.2 * mh, mx + w, my + 2.2 * mh), 0, 180, fill=inside, outline=lip, width=width)
+        d.rectangle(box(mx - w * 0.7, my, mx + w * 0.7, my + 0.6 * mh), fill=teeth)
+    else:  # surprised: a round open mouth
+        w = half_width * 0.45
+        d.ellipse(box(mx - w, my - 1.8 * mh, mx + w, my + 2.2 * mh), fill=inside, outline=lip, width=width)
+
+
 def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarray, resolution: int = 32) -> np.ndarray:
     """Draw one photo: uint8 (resolution, resolution, 3). Pure function of its arguments."""
     if resolution < 8:
@@ -309,11 +404,9 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
     layer = Image.new("RGBA", (S, S), (0, 0, 0, 0))
     d = ImageDraw.Draw(layer)
 
-    cx, cy = 0.5, 0.47
-    fw = 0.19 + 0.09 * t[_T["face_width"]]
-    fh = 0.25 + 0.07 * t[_T["face_length"]]
-    jaw = t[_T["jaw_width"]]
-    yaw = {"left": -1.0, "frontal": 0.0, "right": 1.0}[a["pose"]]
+    cx, cy = HEAD_CENTRE
+    layout = face_layout(t, a)
+    fw, fh, yaw = layout.fw, layout.fh, layout.yaw
     skin = _ramp(_SKIN_RAMP, t[_T["skin_tone"]])
     hair = _ramp(_HAIR_RAMP, t[_T["hair_colour"]])
     style = HAIR_STYLES[round(float(t[_T["hair_style"]]))]
@@ -356,7 +449,7 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
         )
 
     # Face.
-    outline = _face_outline(cx + 0.08 * yaw * fw, cy, fw * (1 - 0.06 * abs(yaw)), fh, jaw)
+    outline = list(layout.outline)
     d.polygon([P(*p) for p in outline], fill=_rgba(skin))
 
     # Freckles and moles (seeded by the trait vector itself, so the renderer stays a function of its inputs).
@@ -391,18 +484,13 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
         d.polygon([P(*p) for p in cap], fill=_rgba(hair))
 
     # Eyes.
-    size = t[_T["eye_size"]]
-    ew = 0.13 + 0.09 * size
+    ew = 0.13 + 0.09 * t[_T["eye_size"]]
     eh = ew * (0.75 if a["expression"] != "surprised" else 1.0) * fw / fh
     eu = 0.3 + 0.18 * t[_T["eye_spacing"]]
     ev = -0.12 - 0.15 * (t[_T["eye_height"]] - 0.5)
     iris = _ramp(_EYE_RAMP, t[_T["eye_colour"]])
-    eye_centres = []
-    for side in (-1.0, 1.0):
-        squeeze = 1.0 - 0.35 * max(0.0, -yaw * side)  # the far eye is foreshortened
-        x, y = F(side * eu, ev)
-        rx, ry = ew * fw * squeeze, eh * fh
-        eye_centres.append((x, y, rx, ry))
+    eye_centres = layout.eyes
+    for x, y, rx, ry in eye_centres:
         d.ellipse(box(x - rx, y - ry, x + rx, y + ry), fill=(250, 250, 250, 255), outline=(40, 30, 30, 255), width=lw)
         ri = min(rx, ry) * 0.95
         ix = x + 0.35 * yaw * rx
@@ -421,29 +509,13 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
         d.line([P(*p0), P(*p1)], fill=brow, width=bw)
 
     # Nose.
-    nl = 0.12 + 0.2 * t[_T["nose_length"]]
-    nw = 0.07 + 0.1 * t[_T["nose_width"]]
-    nose = [F(0, ev + 0.05, 1.5), F(-nw, ev + 0.1 + nl + 0.08, 1.5), F(nw, ev + 0.1 + nl + 0.08, 1.5)]
-    d.polygon([P(*p) for p in nose], fill=_rgba(skin, 0.8))
+    d.polygon([P(*p) for p in layout.nose], fill=_rgba(skin, 0.8))
 
     # Mouth by expression.
-    mw = 0.2 + 0.2 * t[_T["mouth_width"]]
-    mv = 0.5 + 0.05 * t[_T["face_length"]]
     lip = _rgba(np.array([180, 70, 70]) * 0.5 + skin * 0.5, 0.85)
-    mx, my = F(0, mv, 1.1)
-    mh = (0.035 + 0.05 * t[_T["lip_fullness"]]) * fh
-    expression = a["expression"]
-    if expression == "neutral":
-        d.ellipse(box(mx - mw * fw, my - mh * 0.6, mx + mw * fw, my + mh * 0.6), fill=lip)
-    elif expression == "smiling":
-        w = mw * fw * 1.2
-        d.chord(
-            box(mx - w, my - 2.2 * mh, mx + w, my + 2.2 * mh), 0, 180, fill=(90, 20, 25, 255), outline=lip, width=lw
-        )
-        d.rectangle(box(mx - w * 0.7, my, mx + w * 0.7, my + 0.6 * mh), fill=(250, 250, 250, 255))
-    else:  # surprised: a round open mouth
-        w = mw * fw * 0.45
-        d.ellipse(box(mx - w, my - 1.8 * mh, mx + w, my + 2.2 * mh), fill=(70, 15, 20, 255), outline=lip, width=lw)
+    surprised_inside = a["expression"] == "surprised"
+    draw_mouth(d, box, layout, lip=lip, inside=(70, 15, 20, 255) if surprised_inside else (90, 20, 25, 255),
+               teeth=(250, 250, 250, 255), width=lw)
 
     # Glasses: thick rims around both eyes, tinted lenses, bridge.
     if a["glasses"] != "none":
@@ -470,25 +542,10 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
 
     # Directional lighting: shade the figure along x (background stays flat).
     arr = np.asarray(layer, np.float32).copy()
-    xs = np.linspace(-1.0, 1.0, S, dtype=np.float32)[None, :]
-    ys = np.linspace(-1.0, 1.0, S, dtype=np.float32)[:, None]
-    gain = {
-        "left": 1.12 - 0.35 * (xs + 1.0),
-        "right": 1.12 - 0.35 * (1.0 - xs),
-        "front": 1.1 - 0.3 * (xs**2 + (ys + 0.1) ** 2),
-    }[a["lighting"]]
-    arr[..., :3] = np.clip(arr[..., :3] * np.broadcast_to(gain, (S, S))[..., None], 0, 255)
+    arr[..., :3] = np.clip(arr[..., :3] * lighting_gain(a["lighting"], S)[..., None], 0, 255)
     layer = Image.fromarray(np.round(arr).astype(np.uint8), "RGBA")
 
-    # Geometric jitter: scale/roll about the head centre, then shift. PIL wants the output->input map.
-    scale, dx, dy, roll = (float(v) for v in jitter)
-    th = np.deg2rad(roll)
-    c, s = np.cos(th) / scale, np.sin(th) / scale
-    ox, oy = cx * S, cy * S
-    tx, ty = (cx + dx) * S, (cy + dy) * S
-    coeffs = (c, s, ox - c * tx - s * ty, -s, c, oy + s * tx - c * ty)
-    layer = layer.transform((S, S), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR)
-
+    layer = apply_jitter(layer, jitter)
     canvas = Image.new("RGBA", (S, S), (*_RGB[a["background"]], 255))
     canvas.alpha_composite(layer)
     out = canvas.convert("RGB").resize((resolution, resolution), Image.Resampling.LANCZOS)

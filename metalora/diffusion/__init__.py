@@ -40,6 +40,7 @@ from metalora.diffusion.losses import (
 )
 from metalora.diffusion.samplers import (
     ModelFn,
+    ddim_edit,
     ddim_prev_timesteps,
     ddim_sample,
     ddim_step,
@@ -73,6 +74,7 @@ __all__ = [
     "SchedulerConfigError",
     "add_noise",
     "alpha_bar_at",
+    "ddim_edit",
     "ddim_prev_timesteps",
     "ddim_sample",
     "ddim_step",

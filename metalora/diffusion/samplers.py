@@ -207,20 +207,26 @@ def _scan(body, x, xs, return_trajectory: bool):
     return (final, trajectory) if return_trajectory else final
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "num_inference_steps", "return_trajectory"))
+@functools.partial(jax.jit, static_argnames=("model_fn", "num_inference_steps", "return_trajectory", "start_step"))
 def _ddim_loop(
-    model_fn, params, schedule, noise, cond, uncond, guidance_scale, eta, keys, step_noise,
-    *, num_inference_steps, return_trajectory,
+    model_fn, params, schedule, noise, cond, uncond, guidance_scale, eta, keys, step_noise, known=None,
+    *, num_inference_steps, return_trajectory, start_step=0,
 ):  # fmt: skip
-    ts = schedule.inference_timesteps(num_inference_steps)
-    prevs = ddim_prev_timesteps(schedule, num_inference_steps)
+    ts = schedule.inference_timesteps(num_inference_steps)[start_step:]
+    prevs = ddim_prev_timesteps(schedule, num_inference_steps)[start_step:]
 
     def body(x, inputs):
         i, t, t_prev, z = inputs
         pred = guided_prediction(model_fn, params, x, t, cond, uncond, guidance_scale)
-        return ddim_step(schedule, pred, t, t_prev, x, eta, _step_noise(keys, z, i, x))[0]
+        x = ddim_step(schedule, pred, t, t_prev, x, eta, _step_noise(keys, z, i, x))[0]
+        if known is not None:  # the kept region follows the known image's own noisy path (RePaint-style)
+            a_prev = _alpha_bar_or(schedule, t_prev, schedule.final_alpha_cumprod)
+            on_path = jnp.sqrt(a_prev) * known["x0"] + jnp.sqrt(1.0 - a_prev) * known["noise"]
+            x = known["keep"] * on_path.astype(x.dtype) + (1.0 - known["keep"]) * x
+        return x
 
-    xs = (jnp.arange(num_inference_steps), jnp.asarray(ts, jnp.int32), jnp.asarray(prevs, jnp.int32), step_noise)
+    steps = jnp.arange(start_step, num_inference_steps)
+    xs = (steps, jnp.asarray(ts, jnp.int32), jnp.asarray(prevs, jnp.int32), step_noise)
     return _scan(body, noise, xs, return_trajectory)
 
 
@@ -252,6 +258,58 @@ def ddim_sample(
         jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(eta, jnp.float32), keys, step_noise,
         num_inference_steps=num_inference_steps, return_trajectory=return_trajectory,
     )  # fmt: skip
+
+
+def edit_start_step(num_inference_steps: int, strength: float) -> int:
+    """The DDIM step an edit of ``strength`` starts from: the last ``round(strength · n)`` steps are run."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    return int(num_inference_steps) - round(float(strength) * int(num_inference_steps))
+
+
+def ddim_edit(
+    model_fn: ModelFn,
+    params: Any,
+    schedule: NoiseSchedule,
+    image: jax.Array,
+    noise: jax.Array,
+    cond: Any,
+    uncond: Any | None = None,
+    *,
+    num_inference_steps: int,
+    strength: float,
+    guidance_scale: float | jax.Array = 1.0,
+    eta: float | jax.Array = 0.0,
+    keys: jax.Array | None = None,
+    keep_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Re-draw ``image`` (x_0, B × ...): SDEdit (Meng et al. 2022) with DDIM, optionally keeping a region.
+
+    The image is noised with ``noise`` to the timestep from which the last ``round(strength · n)`` of the
+    ``num_inference_steps`` DDIM steps remain (``strength`` 1 = from pure noise, 0 = unchanged) and denoised from
+    there. With ``keep_mask`` (broadcastable to the image, 1 = keep), after every step the kept region is set to
+    the image noised to that step's timestep with the same ``noise``, and the result is exactly ``image`` there
+    (RePaint's known-region replacement, deterministic): the model only draws the rest, in context.
+    """
+    start = edit_start_step(num_inference_steps, strength)
+    if start == num_inference_steps:
+        return image
+    _check_batch("ddim_edit", noise, keys, None, num_inference_steps)
+    if keys is None and not (isinstance(eta, int | float) and eta == 0):
+        raise ValueError("ddim_edit: eta may be > 0, so pass keys (one per example)")
+    t_start = int(schedule.inference_timesteps(num_inference_steps)[start])
+    a = schedule.alphas_cumprod[t_start]
+    x_start = (jnp.sqrt(a) * image + jnp.sqrt(1.0 - a) * noise).astype(noise.dtype)
+    known = None
+    if keep_mask is not None:
+        keep = jnp.broadcast_to(jnp.asarray(keep_mask, noise.dtype), image.shape)
+        known = {"x0": image.astype(noise.dtype), "noise": noise, "keep": keep}
+    x0 = _ddim_loop(
+        model_fn, params, schedule, x_start, cond, uncond,
+        jnp.asarray(guidance_scale, jnp.float32), jnp.asarray(eta, jnp.float32), keys, None, known,
+        num_inference_steps=num_inference_steps, return_trajectory=False, start_step=start,
+    )  # fmt: skip
+    return x0 if known is None else known["keep"] * known["x0"] + (1.0 - known["keep"]) * x0
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "num_inference_steps", "return_trajectory"))

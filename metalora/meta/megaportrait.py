@@ -1,0 +1,253 @@
+"""MegaPortrait-style portraits: a personalised face in a template photo, by identity → shading → harmonisation.
+
+One ControlNet (``metalora.models.controlnet``) conditions the base model on the template's control images
+(``metalora.data.controls``: landmarks, shading, inpainting), with the groups a step does not use set to zero, as
+in training (each group is dropped independently there). The UNet is the *personalised* one (e.g. Meta-LoRA merged):
+ControlNets trained on a base transfer to its fine-tunes, which is how MegaPortrait combines them.
+
+1. **identity**: DDIM from noise, prompt = the template's caption with the identifier ("a photo of sks person ...,
+   facing left, lit from the right, ..."), control = the template's landmarks: the subject in the template's pose.
+2. **shading**: SDEdit of (1) at ``shading_strength``, control = landmarks + the template's shading map: re-lit as
+   the template is, the face's layout kept.
+3. **harmonisation**: (2)'s head region pasted into the template, then SDEdit at ``harmonize_strength`` with every
+   control group, the inpainting group showing the template around the head; the template outside the head region
+   grown by ``seam_pixels`` is kept exactly (RePaint-style), so only the head and the seam around it are re-drawn.
+
+``Portrait`` holds the static parts (hashable by identity, a static jit argument); weights are passed as
+``{"unet": personalised UNet state, "controlnet": ControlNet state}`` plus the frozen text encoder's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from metalora.data import controls as C
+from metalora.diffusion import ddim_edit, ddim_sample, diffusion_loss, initial_noise, loss_weights, training_inputs
+from metalora.models import base_model as bm
+from metalora.models.controlnet import ControlNetModel, controlnet_from_unet
+
+STEPS = ("identity", "shading", "harmonize")
+# The control groups each step sees (the others are zeros).
+STEP_GROUPS: dict[str, tuple[str, ...]] = {
+    "identity": ("landmarks",),
+    "shading": ("landmarks", "shading"),
+    "harmonize": ("landmarks", "shading", "inpaint"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PortraitConfig:
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.0
+    control_scale: float = 1.0  # ControlNet residual scale in every step
+    shading_strength: float = 0.6  # fraction of the DDIM steps the shading step re-runs
+    harmonize_strength: float = 0.4
+    seam_pixels: int = 2  # the re-drawn region: the head mask grown by this many pixels
+
+    def __post_init__(self):
+        for name in ("shading_strength", "harmonize_strength"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"PortraitConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.seam_pixels < 0:
+            raise ValueError(f"PortraitConfig.seam_pixels must be >= 0, got {self.seam_pixels}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Portrait:
+    """Static half: the base model and the ControlNet's graph; ``model_fn`` is made once so samplers compile once."""
+
+    model: bm.BaseModel
+    controlnet_def: nnx.GraphDef
+
+    @functools.cached_property
+    def model_fn(self):
+        return functools.partial(controlled_unet, self.model.unet_def, self.controlnet_def)
+
+
+def new_controlnet(model: bm.BaseModel, params: bm.BaseParams, *, key: jax.Array,
+                   embedding_channels: Sequence[int] = (32,)) -> tuple[Portrait, nnx.State]:
+    """A ControlNet for the world's control images, initialised from the base UNet (zero convs: a no-op at first).
+
+    One ``embedding_channels`` entry keeps the conditioning image at the sample's resolution (pixel-space model; the
+    published SD ControlNets downsample 8× to the latents with four).
+    """
+    controlnet = controlnet_from_unet(model.unet(params), conditioning_channels=C.CONTROL_CHANNELS,
+                                      conditioning_embedding_out_channels=tuple(embedding_channels),
+                                      rngs=nnx.Rngs(key), attention_backend=model.attention_backend)
+    graphdef, state = nnx.split(controlnet, nnx.Param)
+    return Portrait(model, graphdef), state
+
+
+def from_controlnet(model: bm.BaseModel, controlnet: ControlNetModel) -> tuple[Portrait, nnx.State]:
+    """Wrap a loaded ControlNet (``load_controlnet``); its conditioning channels must be the world's."""
+    if controlnet.config.conditioning_channels != C.CONTROL_CHANNELS:
+        raise ValueError(f"ControlNet has conditioning_channels={controlnet.config.conditioning_channels}; the world's "
+                         f"control images have {C.CONTROL_CHANNELS} ({C.GROUP_CHANNELS})")
+    graphdef, state = nnx.split(controlnet, nnx.Param)
+    return Portrait(model, graphdef), state
+
+
+def controlled_unet(unet_def: nnx.GraphDef, controlnet_def: nnx.GraphDef, params, x: jax.Array, t: jax.Array,
+                    cond: Mapping[str, jax.Array]) -> jax.Array:
+    """A sampler ``model_fn``: the UNet with the ControlNet's residuals. ``cond``: ``context`` (B, L, D), ``control``
+    (B, H, W, CONTROL_CHANNELS) and ``scale`` (B,) per-example residual scale."""
+    controlnet = nnx.merge(controlnet_def, params["controlnet"])
+    scale = cond["scale"].astype(x.dtype)[:, None, None, None]
+    down, mid = controlnet(x, t, cond["context"], cond["control"], conditioning_scale=scale)
+    unet = nnx.merge(unet_def, params["unet"])
+    return unet(x, t, cond["context"], down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: the ControlNet on the frozen base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def drop_groups(key: jax.Array, control: jax.Array, keep_prob: float) -> jax.Array:
+    """Zero each control group of each example independently with probability ``1 - keep_prob``: one ControlNet
+    then serves every subset of groups (the pipeline's steps use three of them)."""
+    keep = jax.random.bernoulli(key, keep_prob, (control.shape[0], len(C.CONTROL_GROUPS)))
+    per_channel = jnp.concatenate([jnp.repeat(keep[:, i:i + 1], C.GROUP_CHANNELS[name], axis=1)
+                                   for i, name in enumerate(C.CONTROL_GROUPS)], axis=1)
+    return control * per_channel[:, None, None, :].astype(control.dtype)
+
+
+def controlnet_loss(portrait: Portrait, controlnet_params: nnx.State, base: bm.BaseParams,
+                    batch: Mapping[str, jax.Array], key: jax.Array, *, cond_drop_prob: float = 0.1,
+                    group_keep_prob: float = 0.5, min_snr_gamma: float | None = None) -> jax.Array:
+    """The base's denoising loss with the ControlNet's residuals; only the ControlNet is differentiated.
+
+    ``batch``: ``images`` (B, H, W, 3) in [-1, 1], ``input_ids`` (B, L), ``control`` (B, H, W, CONTROL_CHANNELS).
+    Captions are dropped with ``cond_drop_prob`` (the control is kept, so guidance works with control on).
+    """
+    model = portrait.model
+    k_drop, k_groups, k_noise = jax.random.split(key, 3)
+    input_ids, _ = bm.drop_captions(model, k_drop, jnp.asarray(batch["input_ids"], jnp.int32), cond_drop_prob)
+    context = bm.encode_text(model, base["text_encoder"], input_ids)
+    control = drop_groups(k_groups, jnp.asarray(batch["control"], jnp.float32), group_keep_prob)
+    x_t, t, target = training_inputs(model.schedule, k_noise, jnp.asarray(batch["images"], jnp.float32))
+    cond = {"context": context, "control": control, "scale": jnp.ones((x_t.shape[0],), jnp.float32)}
+    pred = controlled_unet(model.unet_def, portrait.controlnet_def,
+                           {"unet": base["unet"], "controlnet": controlnet_params}, x_t, t, cond)
+    return diffusion_loss(pred, target, loss_weights(model.schedule, t, min_snr_gamma))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def step_control(control: jax.Array, step: str) -> jax.Array:
+    """The full control image with only ``step``'s groups kept."""
+    slices = C.group_slices()
+    parts = [control[..., slices[name]] if name in STEP_GROUPS[step] else jnp.zeros_like(control[..., slices[name]])
+             for name in C.CONTROL_GROUPS]
+    return jnp.concatenate(parts, axis=-1)
+
+
+def grow_mask(mask: jax.Array, pixels: int) -> jax.Array:
+    """(B, H, W) mask dilated by ``pixels`` (a (2p+1)² max filter)."""
+    if pixels == 0:
+        return mask
+    window = (1, 2 * pixels + 1, 2 * pixels + 1)
+    return jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, window, (1, 1, 1), "SAME")
+
+
+def _conditions(portrait: Portrait, text_params, input_ids, control, step: str, scale: float):
+    model = portrait.model
+    batch = input_ids.shape[0]
+    empty = jnp.broadcast_to(jnp.asarray(model.empty_ids)[None], input_ids.shape)
+    control = step_control(control, step)
+    scales = jnp.full((batch,), scale, jnp.float32)
+    cond = {"context": bm.encode_text(model, text_params, input_ids), "control": control, "scale": scales}
+    uncond = {"context": bm.encode_text(model, text_params, empty), "control": control, "scale": scales}
+    return cond, uncond
+
+
+@functools.partial(jax.jit, static_argnames=("portrait", "config"))
+def run(portrait: Portrait, params: Mapping[str, nnx.State], text_params: nnx.State, template: jax.Array,
+        control: jax.Array, input_ids: jax.Array, keys: jax.Array, config: PortraitConfig) -> dict[str, jax.Array]:
+    """The three steps for B templates. ``params``: ``{"unet": personalised UNet, "controlnet": ...}``; ``template``
+    (B, H, W, 3) in [0, 1]; ``control`` (B, H, W, CONTROL_CHANNELS) from ``controls.control_image`` (every group);
+    ``input_ids`` (B, L) the prompts; ``keys`` (B,) one seed per portrait.
+
+    Returns every step's images in [0, 1]: ``identity``, ``shading``, ``pasted`` (the shaded head pasted into the
+    template, no harmonisation) and ``harmonize`` (the portrait).
+    """
+    schedule, n, g = portrait.model.schedule, config.num_inference_steps, config.guidance_scale
+    noise = initial_noise(keys, portrait.model.sample_shape)
+    edit_noise = initial_noise(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), portrait.model.sample_shape)
+
+    cond, uncond = _conditions(portrait, text_params, input_ids, control, "identity", config.control_scale)
+    identity = ddim_sample(portrait.model_fn, params, schedule, noise, cond, uncond, num_inference_steps=n,
+                           guidance_scale=g)
+    cond, uncond = _conditions(portrait, text_params, input_ids, control, "shading", config.control_scale)
+    shaded = ddim_edit(portrait.model_fn, params, schedule, identity, edit_noise, cond, uncond, num_inference_steps=n,
+                       strength=config.shading_strength, guidance_scale=g)
+
+    head = control[..., C.group_slices()["inpaint"]][..., -1]  # the inpainting group's mask channel
+    template_x = template * 2.0 - 1.0
+    pasted = head[..., None] * shaded + (1.0 - head[..., None]) * template_x
+    keep = 1.0 - grow_mask(head, config.seam_pixels)
+    cond, uncond = _conditions(portrait, text_params, input_ids, control, "harmonize", config.control_scale)
+    harmonized = ddim_edit(portrait.model_fn, params, schedule, pasted, edit_noise, cond, uncond,
+                           num_inference_steps=n, strength=config.harmonize_strength, guidance_scale=g,
+                           keep_mask=keep[..., None])
+    return {"identity": _to_unit(identity), "shading": _to_unit(shaded), "pasted": _to_unit(pasted),
+            "harmonize": _to_unit(harmonized)}
+
+
+def _to_unit(x: jax.Array) -> jax.Array:
+    return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def template_controls(images: np.ndarray, attributes: Sequence[Mapping[str, str]],
+                      jitters: Sequence[np.ndarray]) -> np.ndarray:
+    """(B, H, W, CONTROL_CHANNELS) control images of B template photos (uint8) with their ground truth."""
+    out = []
+    for image, attrs, jitter in zip(images, attributes, jitters, strict=True):
+        groups = C.photo_controls(np.asarray(image), attrs, jitter)
+        out.append(C.control_image(groups, image.shape[0], dict.fromkeys(C.CONTROL_GROUPS, True)))
+    return np.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On disk: a diffusers ControlNetModel folder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_controlnet(folder, portrait: Portrait, controlnet_params: nnx.State, *, info: Mapping | None = None):
+    """Writes diffusers' layout (``config.json`` + ``diffusion_pytorch_model.safetensors``, loadable by
+    ``load_controlnet`` and by diffusers' ``ControlNetModel.from_pretrained``); ``info`` goes into
+    ``metalora_info.json``. Every file is written atomically, the config last."""
+    import json
+    import pathlib
+
+    from safetensors.numpy import save
+
+    from metalora.models import convert
+    from metalora.train.io import atomic_write_bytes, atomic_write_text
+
+    folder = pathlib.Path(folder)
+    controlnet = nnx.merge(portrait.controlnet_def, controlnet_params)
+    tensors = {k: np.asarray(v, np.float32) for k, v in convert.export_torch_state(controlnet).items()}
+    atomic_write_bytes(folder / "diffusion_pytorch_model.safetensors", save(tensors, metadata={"format": "pt"}))
+    if info is not None:
+        atomic_write_text(folder / "metalora_info.json", json.dumps(dict(info), indent=2, default=str) + "\n")
+    config = {"_class_name": "ControlNetModel", **controlnet.config.to_diffusers()}
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def load_portrait(model: bm.BaseModel, folder) -> tuple[Portrait, nnx.State]:
+    """The ControlNet written by ``save_controlnet`` (or any diffusers ControlNet folder with the world's channels)."""
+    from metalora.models.loading import load_controlnet
+
+    return from_controlnet(model, load_controlnet(folder, attention_backend=model.attention_backend))
