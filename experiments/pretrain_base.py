@@ -118,7 +118,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
         state = create_train_state({"unet": params["unet"]}, optimizer, ema=t.ema_decay > 0,
                                    frozen={"text_encoder": params["text_encoder"]})
     loss_fn = functools.partial(_loss, model, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None)
-    step_fn = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay or None,
+    step_fn = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay or None, ema_warmup=t.ema_warmup,
                               lr_schedule=make_lr_schedule(opt_config))
     data = make_data(config, model.tokenizer)
     hooks = []

@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 from metalora.train import (
     TrainState,
     create_train_state,
+    ema_decay_at,
     ema_update,
     make_lr_schedule,
     make_optimizer,
@@ -167,6 +168,25 @@ def test_ema_follows_closed_form_recurrence():
     # ema_update keeps bf16 storage but averages in f32
     out = ema_update({"a": jnp.ones(2, jnp.bfloat16)}, {"a": jnp.zeros(2, jnp.bfloat16)}, 0.5)
     assert out["a"].dtype == jnp.bfloat16 and float(out["a"][0]) == 0.5
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ema_warmup_follows_its_decay_schedule(accumulate):
+    """With warm-up the n-th applied update (0-based) averages with decay min(0.75, (1 + n) / (10 + n)); micro-steps of
+    an accumulation leave the EMA alone and count once."""
+    tx = optax.sgd(0.5) if accumulate == 1 else optax.MultiSteps(optax.sgd(0.5), every_k_schedule=accumulate)
+    state = create_train_state(init(), tx, frozen={"scale": jnp.asarray(1.0)}, ema=True)
+    step_fn = make_train_step(quad_loss, tx, ema_decay=0.75, ema_warmup=True)
+    ema = {k: np.asarray(v, np.float64) for k, v in init().items()}
+    for micro in range(6 * accumulate):
+        state, _ = step_fn(state, {"c": jnp.asarray(1.0)}, jax.random.key(0))
+        if (micro + 1) % accumulate == 0:
+            n = micro // accumulate
+            decay = min(0.75, (1 + n) / (10 + n))
+            ema = {k: decay * ema[k] + (1 - decay) * np.asarray(state.params[k]) for k in ema}
+    for k in ema:
+        np.testing.assert_allclose(np.asarray(state.ema_params[k]), ema[k], rtol=1e-5, atol=1e-6)
+    assert float(ema_decay_at(0.75, 0)) == pytest.approx(0.1) and float(ema_decay_at(0.75, 100)) == 0.75
 
 
 def test_ema_requires_ema_state():

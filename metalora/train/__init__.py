@@ -24,7 +24,7 @@ from metalora.train.io import (
 from metalora.train.loop import DataIterator, Hook, NonFiniteError, TrainLoop, sample_grid_hook, train_loop
 from metalora.train.optim import OPTIMIZER_DEFAULTS, make_lr_schedule, make_optimizer, ndim_decay_mask
 from metalora.train.state import TrainState, create_train_state
-from metalora.train.step import TrainStep, ema_update, make_train_step
+from metalora.train.step import TrainStep, ema_decay_at, ema_update, make_train_step
 
 __all__ = [
     "OPTIMIZER_DEFAULTS",
@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "create_train_state",
+    "ema_decay_at",
     "ema_update",
     "make_checkpoint_manager",
     "make_image_grid",

@@ -42,6 +42,20 @@ def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:
     return jax.tree.map(one, ema_params, params)
 
 
+def ema_decay_at(decay: float, num_updates: jax.Array) -> jax.Array:
+    """EMA warm-up: ``min(decay, (1 + n) / (10 + n))`` after ``n`` applied updates (TF's ``ExponentialMovingAverage``
+    with ``num_updates``), so the first averages follow the weights instead of staying near the random init."""
+    n = jnp.asarray(num_updates, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def _updates_before(state_step: jax.Array, new_opt_state: Any) -> jax.Array:
+    """How many optimiser updates were applied before this step's (micro-steps of an accumulation count as one)."""
+    if isinstance(new_opt_state, optax.MultiStepsState):
+        return jnp.maximum(new_opt_state.gradient_step - 1, 0)  # already counts the update this step applied
+    return state_step
+
+
 def _applied_update(opt_state: Any) -> jax.Array:
     """Whether the optimiser changed the parameters on this step (False on non-final accumulation micro-steps)."""
     if isinstance(opt_state, optax.MultiStepsState):
@@ -85,6 +99,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     ema_decay: float | None = None,
     *,
+    ema_warmup: bool = False,
     lr_schedule: optax.Schedule | None = None,
     in_shardings: tuple[Any, Any, Any] | None = None,
     out_shardings: tuple[Any, Any] | None = None,
@@ -98,6 +113,7 @@ def make_train_step(
       ema_decay: if set, ``state.ema_params`` is updated inside the step after every applied update
         (``ema ← decay·ema + (1−decay)·params``; skipped on accumulation micro-steps). Requires a state created with
         ``ema=True``.
+      ema_warmup: use ``ema_decay_at(ema_decay, n)`` after ``n`` applied updates instead of the constant decay.
       lr_schedule: learning rate as a function of ``state.step``, only reported (``make_lr_schedule(config)``).
       in_shardings: optional ``(state, batch, key)`` shardings passed through to ``jax.jit``; the state entry is a
         ``TrainState`` of shardings (its ``frozen`` field shards ``frozen``) or one sharding for the whole state.
@@ -129,7 +145,8 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema_params = state.ema_params
         if ema_decay is not None:
-            ema_params = _select(_applied_update(opt_state), ema_update(ema_params, params, ema_decay), ema_params)
+            decay = ema_decay_at(ema_decay, _updates_before(state.step, opt_state)) if ema_warmup else ema_decay
+            ema_params = _select(_applied_update(opt_state), ema_update(ema_params, params, decay), ema_params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         candidate = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
         # Select, not branch: both states exist anyway, and `where` keeps the donated buffers' aliasing simple.
