@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -24,7 +23,7 @@ from metalora.meta import InnerLoopConfig, MetaConfig, diffusion_example_loss, i
 from metalora.meta.outer import head_table_bytes
 from metalora.meta.personalize import EpisodeBatches, attach_adapters, lora_config, save_meta_down, with_text_encoder
 from metalora.models import base_model as bm
-from metalora.train import TrainLoop, create_train_state, make_lr_schedule, make_optimizer, make_train_step
+from metalora.train import create_train_state, make_lr_schedule, make_optimizer, make_train_step, run_training_job
 from metalora.train.io import atomic_write_text
 
 
@@ -81,23 +80,14 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     step_fn = make_train_step(loss_fn, optimizer, lr_schedule=make_lr_schedule(opt_config))
     data = make_batches(config, model, with_query=mc.algorithm in ("fomaml", "maml"))
 
-    start = time.perf_counter()
-    with TrainLoop(workdir=workdir, step_fn=step_fn, state=state, data=data, total_steps=config.train.steps,
-                   key=jax.random.key(config.seed + 2), config=config, log_every=config.train.log_every,
-                   checkpoint_every=config.train.checkpoint_every, progress=config.train.progress) as loop:
-        first = int(loop.state.step)
-        state = loop.run(stop_at=config.train.stop_at or None)
-        metrics = dict(loop.last_metrics)
-    wall = time.perf_counter() - start
-    last = int(state.step)
-    results = {"algorithm": mc.algorithm, "start_step": first, "step": last, "total_steps": config.train.steps,
-               "wall_time_s": wall, "final_metrics": metrics, "finished": last == config.train.steps,
-               "inner": dataclasses.asdict(mc.inner)}
+    state, job = run_training_job(config.train, workdir=workdir, step_fn=step_fn, state=state, data=data,
+                                  key=jax.random.key(config.seed + 2), config=config)
+    results = {"algorithm": mc.algorithm, **job, "inner": dataclasses.asdict(mc.inner)}
     if mc.algorithm == "joint":
         results["head_table_bytes_with_adam"] = head_table_bytes(state.params["heads"], mc.num_heads)
-    if last == config.train.steps:
+    if job["finished"]:
         info = {"lora": config_to_dict(config.lora), "base": config.base.path or "assets/base_tiny",
-                "algorithm": mc.algorithm, "steps": last, "seed": config.seed}
+                "algorithm": mc.algorithm, "steps": job["step"], "seed": config.seed}
         results["meta_down"] = str(save_meta_down(workdir / "meta_down", state.params["meta"], info))
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2, default=float) + "\n")
     return results

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,12 +25,12 @@ from metalora.config_utils import config_to_dict, run_cli
 from metalora.data import builders, episodes
 from metalora.models import base_model as bm
 from metalora.train import (
-    TrainLoop,
     TrainState,
     create_train_state,
     make_lr_schedule,
     make_optimizer,
     make_train_step,
+    run_training_job,
     sample_grid_hook,
 )
 from metalora.train.io import atomic_write_text
@@ -125,19 +124,11 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     if t.sample_every > 0:  # 0: no sample grids (e.g. in tests)
         hooks.append(sample_grid_hook(_sample_fn(model, config), workdir / "samples", t.sample_every,
                                       nrow=config.sample.seeds_per_prompt))
-    start = time.perf_counter()
-    with TrainLoop(workdir=workdir, step_fn=step_fn, state=state, data=data, total_steps=t.steps,
-                   key=jax.random.key(config.seed + 2), config=config, log_every=t.log_every,
-                   checkpoint_every=t.checkpoint_every, hooks=hooks, progress=t.progress) as loop:
-        first = int(loop.state.step)
-        state = loop.run(stop_at=t.stop_at or None)
-        metrics = dict(loop.last_metrics)
-    wall = time.perf_counter() - start
-    last = int(state.step)
-    results = {"start_step": first, "step": last, "total_steps": t.steps, "wall_time_s": wall,
-               "steps_per_s_incl_compile_and_sampling": (last - first) / wall if last > first else None,
-               "final_metrics": metrics, "finished": last == t.steps}
-    if last == t.steps:
+    state, results = run_training_job(t, workdir=workdir, step_fn=step_fn, state=state, data=data,
+                                      key=jax.random.key(config.seed + 2), config=config, hooks=hooks)
+    ran = results["step"] - results["start_step"]
+    results["steps_per_s_incl_compile_and_sampling"] = ran / results["wall_time_s"] if ran > 0 else None
+    if results["finished"]:
         final = state.ema_params if state.ema_params is not None else state.params
         final = {**(state.frozen or {}), **final}
         bm.save_base_model(workdir / "base_model", model, final, weights_dtype=config.export.weights_dtype,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +27,7 @@ from metalora.data import controls as C
 from metalora.data.episodes import to_unit_range
 from metalora.meta import megaportrait as mp
 from metalora.models import base_model as bm
-from metalora.train import TrainLoop, create_train_state, make_lr_schedule, make_optimizer, make_train_step
+from metalora.train import create_train_state, make_lr_schedule, make_optimizer, make_train_step, run_training_job
 from metalora.train.io import atomic_write_text
 
 CONTROL_STREAM = 5  # SeedSequence stream id of these batches (distinct from the world's, episodes', protocol's)
@@ -109,19 +108,11 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     source = builders.data_source(builders.prepare(builders.track_builder(d, resolution=model.resolution)), d.split)
     data = ControlBatches(source, model.tokenizer, batch_size=t.batch_size, seed=config.seed, flip_prob=d.flip_prob)
 
-    start = time.perf_counter()
-    with TrainLoop(workdir=workdir, step_fn=step_fn, state=state, data=data, total_steps=t.steps,
-                   key=jax.random.key(config.seed + 1), config=config, log_every=t.log_every,
-                   checkpoint_every=t.checkpoint_every, progress=t.progress) as loop:
-        first = int(loop.state.step)
-        state = loop.run(stop_at=t.stop_at or None)
-        metrics = dict(loop.last_metrics)
-    last = int(state.step)
-    results = {"start_step": first, "step": last, "total_steps": t.steps, "wall_time_s": time.perf_counter() - start,
-               "final_metrics": metrics, "finished": last == t.steps,
-               "trainable_parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(controlnet)))}
-    if last == t.steps:
-        info = {"base": config.base.path or "assets/base_tiny", "steps": last, "seed": config.seed,
+    state, results = run_training_job(t, workdir=workdir, step_fn=step_fn, state=state, data=data,
+                                      key=jax.random.key(config.seed + 1), config=config)
+    results["trainable_parameters"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(controlnet)))
+    if results["finished"]:
+        info = {"base": config.base.path or "assets/base_tiny", "steps": t.steps, "seed": config.seed,
                 "trained_on": f"{d.source}:{d.synth_config}:{d.split}", "groups": list(C.CONTROL_GROUPS),
                 "group_keep_prob": t.group_keep_prob}
         results["controlnet"] = str(mp.save_controlnet(workdir / "controlnet", portrait, state.params["controlnet"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -24,7 +23,7 @@ from metalora.meta import stacked_id as sid
 from metalora.meta.personalize import EpisodeBatches
 from metalora.models import base_model as bm
 from metalora.models.id_encoder import IDEncoderConfig, save_id_encoder
-from metalora.train import TrainLoop, create_train_state, make_lr_schedule, make_optimizer, make_train_step
+from metalora.train import create_train_state, make_lr_schedule, make_optimizer, make_train_step, run_training_job
 from metalora.train.io import atomic_write_text
 
 
@@ -71,19 +70,11 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
                                     augment=episodes.Augment(pad_fraction=d.pad_fraction, flip_prob=d.flip_prob))
     data = EpisodeBatches(sampler.iterator(num_threads=d.num_threads), model.tokenizer, with_query=True)
 
-    start = time.perf_counter()
-    with TrainLoop(workdir=workdir, step_fn=step_fn, state=state, data=data, total_steps=t.steps,
-                   key=jax.random.key(config.seed + 1), config=config, log_every=t.log_every,
-                   checkpoint_every=t.checkpoint_every, progress=t.progress) as loop:
-        first = int(loop.state.step)
-        state = loop.run(stop_at=t.stop_at or None)
-        metrics = dict(loop.last_metrics)
-    last = int(state.step)
-    results = {"start_step": first, "step": last, "total_steps": t.steps, "wall_time_s": time.perf_counter() - start,
-               "final_metrics": metrics, "finished": last == t.steps}
-    if last == t.steps:
+    state, results = run_training_job(t, workdir=workdir, step_fn=step_fn, state=state, data=data,
+                                      key=jax.random.key(config.seed + 1), config=config)
+    if results["finished"]:
         info = {"lora": {"targets": config.lora.targets, "rank": config.lora.rank},
-                "base": config.base.path or "assets/base_tiny", "steps": last, "seed": config.seed,
+                "base": config.base.path or "assets/base_tiny", "steps": t.steps, "seed": config.seed,
                 "trained_on": f"{d.source}:{d.split}", "refs": t.refs}
         results["id_encoder"] = str(save_id_encoder(workdir / "id_encoder", state.params["encoder"],
                                                     state.params["lora"], enc_config, info))

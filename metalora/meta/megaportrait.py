@@ -139,6 +139,20 @@ def controlnet_loss(portrait: Portrait, controlnet_params: nnx.State, base: bm.B
     return diffusion_loss(pred, target, loss_weights(model.schedule, t, min_snr_gamma))
 
 
+@functools.partial(jax.jit, static_argnames=("portrait", "groups", "repeats"))
+def control_loss(portrait: Portrait, controlnet_params: nnx.State, base: bm.BaseParams, images: jax.Array,
+                 input_ids: jax.Array, control: jax.Array, key: jax.Array, *, groups: tuple[str, ...],
+                 repeats: int = 8) -> jax.Array:
+    """Mean denoising loss of ``images`` (in [-1, 1]) with only ``groups`` of the control shown, over ``repeats`` fixed
+    (noise, timestep) draws from ``key``: the same draws for every ``groups``, so differences are the control's."""
+    keep = jnp.concatenate([jnp.full((C.GROUP_CHANNELS[name],), name in groups, jnp.float32)
+                            for name in C.CONTROL_GROUPS])
+    batch = {"images": images, "input_ids": input_ids, "control": control * keep}
+    losses = jax.vmap(lambda k: controlnet_loss(portrait, controlnet_params, base, batch, k, cond_drop_prob=0.0,
+                                                group_keep_prob=1.0))(jax.random.split(key, repeats))
+    return jnp.mean(losses)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------------------------

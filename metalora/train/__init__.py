@@ -21,7 +21,15 @@ from metalora.train.io import (
     read_metrics_jsonl,
     save_image_grid,
 )
-from metalora.train.loop import DataIterator, Hook, NonFiniteError, TrainLoop, sample_grid_hook, train_loop
+from metalora.train.loop import (
+    DataIterator,
+    Hook,
+    NonFiniteError,
+    TrainLoop,
+    run_training_job,
+    sample_grid_hook,
+    train_loop,
+)
 from metalora.train.optim import OPTIMIZER_DEFAULTS, make_lr_schedule, make_optimizer, ndim_decay_mask
 from metalora.train.state import TrainState, create_train_state
 from metalora.train.step import TrainStep, ema_decay_at, ema_update, make_train_step
@@ -48,6 +56,7 @@ __all__ = [
     "plot_curves",
     "read_metrics_jsonl",
     "restore_checkpoint",
+    "run_training_job",
     "sample_grid_hook",
     "save_checkpoint",
     "save_image_grid",

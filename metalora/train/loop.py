@@ -381,3 +381,24 @@ def train_loop(stop_at: int | None = None, **kwargs: Any) -> TrainState:
     """``TrainLoop(**kwargs).run(stop_at)`` with the manager and writer closed afterwards; returns the final state."""
     with TrainLoop(**kwargs) as loop:
         return loop.run(stop_at)
+
+
+def run_training_job(train: Any, *, workdir: str | pathlib.Path, step_fn, state: TrainState, data: DataIterator,
+                     key: jax.Array, config: Any, hooks: Sequence[Hook] = ()) -> tuple[TrainState, dict[str, Any]]:
+    """A job's train section run to the end or to ``train.stop_at`` (resuming from the latest checkpoint).
+
+    ``train`` needs ``steps``, ``log_every``, ``checkpoint_every``, ``progress`` and ``stop_at`` (0 = none). Returns the
+    final state and the fields every job's ``results.json`` starts with: ``start_step``, ``step``, ``total_steps``,
+    ``wall_time_s`` (this invocation, compilation included), ``final_metrics`` and ``finished``.
+    """
+    start = time.perf_counter()
+    with TrainLoop(workdir=workdir, step_fn=step_fn, state=state, data=data, total_steps=train.steps, key=key,
+                   config=config, log_every=train.log_every, checkpoint_every=train.checkpoint_every,
+                   hooks=hooks, progress=train.progress) as loop:
+        first = int(loop.state.step)
+        state = loop.run(stop_at=train.stop_at or None)
+        metrics = dict(loop.last_metrics)
+    last = int(state.step)
+    return state, {"start_step": first, "step": last, "total_steps": train.steps,
+                   "wall_time_s": time.perf_counter() - start, "final_metrics": metrics,
+                   "finished": last == train.steps}
