@@ -160,6 +160,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=prin
                          ("shading", out["shading"]), ("pasted", out["pasted"]), ("portrait", out["harmonize"]),
                          ("base_portrait", base_out["harmonize"])):
             images[row].append(np.asarray(arr, np.float32))
+    control_losses = held_out_control_losses(portrait, controlnet, params, templates, model, config.seed)
+    log("denoising loss of the templates by control shown: " + ", ".join(f"{k} {v:.4f}"
+                                                                         for k, v in control_losses.items()))
     records = {}
     if probes is not None:
         for row in ROWS:
@@ -179,14 +182,41 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=prin
            "controlnet": {"path": config.controlnet,
                           "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(controlnet)))},
            # the first subject's call includes compilation
-           "pipeline_seconds_per_subject": pipeline_seconds, "records": records,
+           "pipeline_seconds_per_subject": pipeline_seconds, "control_losses": control_losses, "records": records,
            "summary": {row: {m: list(v) for m, v in ms.items()} for row, ms in summary.items()},
            "table": table, "grid": str(grid_path), "wall_time_s": time.perf_counter() - t_start}
+    table += "\n\nDenoising loss of the template photos (base UNet, same noise draws) by the control groups shown:\n\n"
+    table += "| " + " | ".join(control_losses) + " |\n" + "|---" * len(control_losses) + "|\n"
+    table += "| " + " | ".join(f"{v:.4f}" for v in control_losses.values()) + " |"
     atomic_write_text(workdir / "table.md", table + "\n")
     atomic_write_text(workdir / "results.json", json.dumps(out, indent=1, default=float) + "\n")
     log(table)
     log(f"results: {workdir}")
     return out
+
+
+CONTROL_SETS = {"none": (), "landmarks": ("landmarks",), "landmarks+shading": ("landmarks", "shading"),
+                "all": ("landmarks", "shading", "inpaint")}
+
+
+def held_out_control_losses(portrait, controlnet, params, templates: list[list[Template]], model, seed: int,
+                            repeats: int = 8) -> dict[str, float]:
+    """Does the ControlNet use each group? The base's denoising loss of every template photo (test identities, never
+    trained on) without the ControlNet, then with it shown no control, landmarks, landmarks + shading, and every
+    group, on the same noise draws."""
+    flat = [t for ts in templates for t in ts]
+    images = jnp.asarray(np.stack([t.image for t in flat]), jnp.float32) / 127.5 - 1.0
+    ids = jnp.asarray(model.tokenize([world.make_caption(t.attributes) for t in flat]))
+    control = jnp.asarray(mp.template_controls(np.stack([t.image for t in flat]), [t.attributes for t in flat],
+                                               [t.jitter for t in flat]))
+    key = jax.random.key(seed + 17)
+    no_controlnet = jax.tree.map(jnp.zeros_like, controlnet)  # zero convolutions: the base alone
+    base = float(mp.control_loss(portrait, no_controlnet, params, images, ids, control, key, groups=(),
+                                 repeats=repeats))
+    with_controlnet = {name: float(mp.control_loss(portrait, controlnet, params, images, ids, control, key,
+                                                   groups=groups, repeats=repeats))
+                       for name, groups in CONTROL_SETS.items()}
+    return {"base": base} | with_controlnet
 
 
 def _keys(seed: int, count: int, subject: int) -> jax.Array:

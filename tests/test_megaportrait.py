@@ -188,6 +188,26 @@ def test_fresh_controlnet_leaves_the_unet_unchanged(tiny):
     assert float(jnp.abs(moved - plain).mean()) > 1e-3
 
 
+def test_control_loss_sees_only_the_chosen_groups(tiny):
+    _, params, portrait, controlnet, images, control, ids = tiny
+    x0 = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+    key = jax.random.key(7)
+
+    def loss(cn, groups):
+        return float(mp.control_loss(portrait, cn, params, x0, ids, control, key, groups=groups, repeats=2))
+
+    fresh = {groups: loss(controlnet, groups) for groups in ((), ("landmarks",), C.CONTROL_GROUPS)}
+    assert len(set(fresh.values())) == 1  # zero convolutions: no group changes anything
+    trained = _perturbed(controlnet, jax.random.key(8))
+    only = {name: loss(trained, (name,)) for name in C.CONTROL_GROUPS}
+    assert len(set(only.values())) == 3 and loss(trained, ()) not in only.values()
+    # the chosen groups are all it sees: zeroing the others in the input changes nothing
+    sl = C.group_slices()["landmarks"]
+    landmarks_only = jnp.zeros_like(control).at[..., sl].set(control[..., sl])
+    assert float(mp.control_loss(portrait, trained, params, x0, ids, landmarks_only, key, groups=("landmarks",),
+                                 repeats=2)) == only["landmarks"]
+
+
 def test_drop_groups_drops_whole_groups(tiny):
     control = jnp.ones((64, 4, 4, C.CONTROL_CHANNELS))
     dropped = np.asarray(mp.drop_groups(jax.random.key(0), control, 0.5))
