@@ -316,3 +316,13 @@ def test_megaportrait_benchmark_smoke(tmp_path):
     template = out["summary"]["template"]
     assert template["template_face_sim"][0] == pytest.approx(1.0, abs=1e-5)  # a template is its own identity
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "table.md").read_text().count("|") > 50
+
+
+def test_shipped_controlnet_loads_on_the_shipped_base():
+    from configs import megaportrait_tiny
+
+    model, _ = bm.load_base("")
+    portrait, state = mp.load_portrait(model, megaportrait_tiny.get_config().controlnet)
+    assert nnx.merge(portrait.controlnet_def, state).config.conditioning_channels == C.CONTROL_CHANNELS
+    # trained: the zero convolutions are no longer zero
+    assert float(jnp.abs(state["controlnet_mid_block"]["kernel"][...]).max()) > 0

@@ -114,9 +114,18 @@ def drop_groups(key: jax.Array, control: jax.Array, keep_prob: float) -> jax.Arr
     """Zero each control group of each example independently with probability ``1 - keep_prob``: one ControlNet
     then serves every subset of groups (the pipeline's steps use three of them)."""
     keep = jax.random.bernoulli(key, keep_prob, (control.shape[0], len(C.CONTROL_GROUPS)))
-    per_channel = jnp.concatenate([jnp.repeat(keep[:, i:i + 1], C.GROUP_CHANNELS[name], axis=1)
-                                   for i, name in enumerate(C.CONTROL_GROUPS)], axis=1)
+    widths = [C.GROUP_CHANNELS[name] for name in C.CONTROL_GROUPS]
+    per_channel = jnp.repeat(keep, np.asarray(widths), axis=1, total_repeat_length=C.CONTROL_CHANNELS)
     return control * per_channel[:, None, None, :].astype(control.dtype)
+
+
+def group_mask(groups: Sequence[str]) -> jax.Array:
+    """(CONTROL_CHANNELS,): 1 on the channels of ``groups``, 0 on the others."""
+    unknown = set(groups) - set(C.CONTROL_GROUPS)
+    if unknown:
+        raise KeyError(f"unknown control groups {sorted(unknown)}; known: {C.CONTROL_GROUPS}")
+    return jnp.concatenate([jnp.full((C.GROUP_CHANNELS[name],), name in groups, jnp.float32)
+                            for name in C.CONTROL_GROUPS])
 
 
 def controlnet_loss(portrait: Portrait, controlnet_params: nnx.State, base: bm.BaseParams,
@@ -145,9 +154,7 @@ def control_loss(portrait: Portrait, controlnet_params: nnx.State, base: bm.Base
                  repeats: int = 8) -> jax.Array:
     """Mean denoising loss of ``images`` (in [-1, 1]) with only ``groups`` of the control shown, over ``repeats`` fixed
     (noise, timestep) draws from ``key``: the same draws for every ``groups``, so differences are the control's."""
-    keep = jnp.concatenate([jnp.full((C.GROUP_CHANNELS[name],), name in groups, jnp.float32)
-                            for name in C.CONTROL_GROUPS])
-    batch = {"images": images, "input_ids": input_ids, "control": control * keep}
+    batch = {"images": images, "input_ids": input_ids, "control": control * group_mask(groups)}
     losses = jax.vmap(lambda k: controlnet_loss(portrait, controlnet_params, base, batch, k, cond_drop_prob=0.0,
                                                 group_keep_prob=1.0))(jax.random.split(key, repeats))
     return jnp.mean(losses)
@@ -160,10 +167,7 @@ def control_loss(portrait: Portrait, controlnet_params: nnx.State, base: bm.Base
 
 def step_control(control: jax.Array, step: str) -> jax.Array:
     """The full control image with only ``step``'s groups kept."""
-    slices = C.group_slices()
-    parts = [control[..., slices[name]] if name in STEP_GROUPS[step] else jnp.zeros_like(control[..., slices[name]])
-             for name in C.CONTROL_GROUPS]
-    return jnp.concatenate(parts, axis=-1)
+    return control * group_mask(STEP_GROUPS[step]).astype(control.dtype)
 
 
 def grow_mask(mask: jax.Array, pixels: int) -> jax.Array:
