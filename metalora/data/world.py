@@ -13,6 +13,7 @@ Vocabularies are module-level tuples so that tokenizers and attribute probes can
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -338,6 +339,16 @@ class FaceLayout:
     mouth: tuple[float, float, float, float]
     expression: str
 
+    def point(self, u: float, v: float, depth: float = 1.0) -> tuple[float, float]:
+        """Face-relative (u, v) in [-1, 1] to unit coordinates (see ``_face_point``)."""
+        return _face_point(self.fw, self.fh, self.yaw, u, v, depth)
+
+
+def _face_point(fw: float, fh: float, yaw: float, u: float, v: float, depth: float = 1.0) -> tuple[float, float]:
+    """Face-relative (u, v) in [-1, 1] to unit coordinates; yaw shifts nearer features (larger depth) more."""
+    cx, cy = HEAD_CENTRE
+    return (cx + fw * (u + 0.28 * yaw * depth), cy + fh * v)
+
 
 def face_layout(traits: np.ndarray, attributes: dict[str, str]) -> FaceLayout:
     """The face geometry of ``traits`` in pose and expression ``attributes`` (pure; no pixels)."""
@@ -347,10 +358,7 @@ def face_layout(traits: np.ndarray, attributes: dict[str, str]) -> FaceLayout:
     fh = 0.25 + 0.07 * t[_T["face_length"]]
     yaw = {"left": -1.0, "frontal": 0.0, "right": 1.0}[attributes["pose"]]
     expression = attributes["expression"]
-
-    def F(u: float, v: float, depth: float = 1.0) -> tuple[float, float]:
-        """Face-relative (u, v) in [-1, 1] to unit coordinates; yaw shifts nearer features (larger depth) more."""
-        return (cx + fw * (u + 0.28 * yaw * depth), cy + fh * v)
+    F = functools.partial(_face_point, fw, fh, yaw)
 
     outline = _face_outline(cx + 0.08 * yaw * fw, cy, fw * (1 - 0.06 * abs(yaw)), fh, t[_T["jaw_width"]])
     ew = 0.13 + 0.09 * t[_T["eye_size"]]
@@ -413,9 +421,7 @@ def render_face(traits: np.ndarray, attributes: dict[str, str], jitter: np.ndarr
     grow = 0.05 + 0.12 * t[_T["hair_volume"]]
     lw = max(1, round(S / 64))  # a line width that survives the downsample
 
-    def F(u: float, v: float, depth: float = 1.0) -> tuple[float, float]:
-        """Face-relative (u, v) in [-1, 1] to unit coordinates; yaw shifts nearer features (larger depth) more."""
-        return (cx + fw * (u + 0.28 * yaw * depth), cy + fh * v)
+    F = layout.point
 
     # Body and the hair behind the head.
     d.ellipse(box(cx - 2.3 * fw, cy + 1.2 * fh, cx + 2.3 * fw, cy + 3.0 * fh), fill=_SHIRT)

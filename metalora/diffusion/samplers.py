@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalora.diffusion.forward import prediction_to_x0_eps
+from metalora.diffusion.forward import add_noise, prediction_to_x0_eps
 from metalora.diffusion.schedules import FlowMatchSchedule, NoiseSchedule
 
 ModelFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
@@ -297,9 +297,8 @@ def ddim_edit(
     _check_batch("ddim_edit", noise, keys, None, num_inference_steps)
     if keys is None and not (isinstance(eta, int | float) and eta == 0):
         raise ValueError("ddim_edit: eta may be > 0, so pass keys (one per example)")
-    t_start = int(schedule.inference_timesteps(num_inference_steps)[start])
-    a = schedule.alphas_cumprod[t_start]
-    x_start = (jnp.sqrt(a) * image + jnp.sqrt(1.0 - a) * noise).astype(noise.dtype)
+    t_start = jnp.full((image.shape[0],), schedule.inference_timesteps(num_inference_steps)[start], jnp.int32)
+    x_start = add_noise(schedule, image.astype(noise.dtype), noise, t_start)
     known = None
     if keep_mask is not None:
         keep = jnp.broadcast_to(jnp.asarray(keep_mask, noise.dtype), image.shape)
