@@ -37,6 +37,7 @@ from metalora.config_utils import config_to_dict, run_cli
 from metalora.data import builders, world
 from metalora.eval import benchmark
 from metalora.eval import harness as H
+from metalora.eval import metrics as M
 from metalora.eval import probes as P
 from metalora.meta import megaportrait as mp
 from metalora.meta.inner import InnerLoopConfig
@@ -98,18 +99,14 @@ def load_controlnet(config: ml_collections.ConfigDict, model, params):
 
 def score(probes: P.Probes, images: np.ndarray, heldout: np.ndarray, templates: list[Template]) -> dict[str, list]:
     """Per image: R-FaceSim to ``heldout``, FaceSim to its template, attribute matches with its template."""
-    emb = np.asarray(P.embed(probes.identity_encoder, images))
-    held = np.asarray(P.embed(probes.identity_encoder, heldout))
-    tmpl = np.asarray(P.embed(probes.identity_encoder, np.stack([t.image for t in templates])))
-
-    def unit(x):
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    emb, held, tmpl = unit(emb), unit(held), unit(tmpl)
+    emb = P.embed(probes.identity_encoder, images)
+    held = P.embed(probes.identity_encoder, heldout)
+    tmpl = P.embed(probes.identity_encoder, np.stack([t.image for t in templates]))
     predicted = P.predict_attributes(probes.attribute_classifier, images)
     truth = np.stack([world.attribute_ids(t.attributes) for t in templates])
-    out: dict[str, list] = {"r_face_sim": (emb @ held.T).mean(axis=1).tolist(),
-                            "template_face_sim": np.sum(emb * tmpl, axis=-1).tolist()}
+    out: dict[str, list] = {"r_face_sim": M.r_face_sim_from_embeddings(emb, held).tolist(),
+                            # image j against its own template j
+                            "template_face_sim": np.diagonal(M.cosine_matrix(emb, tmpl)).tolist()}
     matches = {name: np.asarray(predicted[name]) == truth[:, i] for i, name in enumerate(world.ATTRIBUTE_NAMES)}
     for name in LOOK:
         out[name] = matches[name].astype(float).tolist()
