@@ -56,8 +56,7 @@ class ControlBatches:
                                  "use config.data.source='synth'")
             image = np.asarray(ex["image"], np.uint8)
             attributes = world.attributes_from_ids(ex["attributes"])
-            control = C.control_image(C.photo_controls(image, attributes, ex["jitter"]), image.shape[0],
-                                      dict.fromkeys(C.CONTROL_GROUPS, True))
+            control = C.photo_control_image(image, attributes, ex["jitter"])
             if rng.random() < self._flip_prob:
                 image, control = image[:, ::-1], control[:, ::-1]
                 attributes = world.flip_attributes(attributes)

@@ -131,6 +131,12 @@ def photo_controls(image: np.ndarray, attributes: Mapping[str, str], jitter: np.
     }
 
 
+def photo_control_image(image: np.ndarray, attributes: Mapping[str, str], jitter: np.ndarray) -> np.ndarray:
+    """(R, R, CONTROL_CHANNELS): every group of one photo, as a ControlNet of this world takes it."""
+    return control_image(photo_controls(image, attributes, jitter), int(np.asarray(image).shape[0]),
+                         dict.fromkeys(CONTROL_GROUPS, True))
+
+
 def control_image(groups: Mapping[str, np.ndarray], resolution: int,
                   enabled: Mapping[str, bool] | None = None) -> np.ndarray:
     """(R, R, CONTROL_CHANNELS): the groups in ``CONTROL_GROUPS`` order; a missing or disabled group is zeros."""

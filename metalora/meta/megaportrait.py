@@ -218,22 +218,15 @@ def run(portrait: Portrait, params: Mapping[str, nnx.State], text_params: nnx.St
     harmonized = ddim_edit(portrait.model_fn, params, schedule, pasted, edit_noise, cond, uncond,
                            num_inference_steps=n, strength=config.harmonize_strength, guidance_scale=g,
                            keep_mask=keep[..., None])
-    return {"identity": _to_unit(identity), "shading": _to_unit(shaded), "pasted": _to_unit(pasted),
-            "harmonize": _to_unit(harmonized)}
-
-
-def _to_unit(x: jax.Array) -> jax.Array:
-    return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+    return {name: bm.to_unit_images(x) for name, x in (("identity", identity), ("shading", shaded),
+                                                        ("pasted", pasted), ("harmonize", harmonized))}
 
 
 def template_controls(images: np.ndarray, attributes: Sequence[Mapping[str, str]],
                       jitters: Sequence[np.ndarray]) -> np.ndarray:
     """(B, H, W, CONTROL_CHANNELS) control images of B template photos (uint8) with their ground truth."""
-    out = []
-    for image, attrs, jitter in zip(images, attributes, jitters, strict=True):
-        groups = C.photo_controls(np.asarray(image), attrs, jitter)
-        out.append(C.control_image(groups, image.shape[0], dict.fromkeys(C.CONTROL_GROUPS, True)))
-    return np.stack(out)
+    return np.stack([C.photo_control_image(np.asarray(image), attrs, jitter)
+                     for image, attrs, jitter in zip(images, attributes, jitters, strict=True)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -164,4 +164,4 @@ def sample(system: StackedID, encoder_state: nnx.State, lora_state: nnx.State, t
     x0 = ddim_sample(system.merging_unet_fn, unet_params(system, lora_state), model.schedule,
                      initial_noise(keys, model.sample_shape), cond, uncond, num_inference_steps=num_inference_steps,
                      guidance_scale=guidance_scale, keys=keys)
-    return jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
+    return bm.to_unit_images(x0)

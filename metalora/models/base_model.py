@@ -73,6 +73,7 @@ __all__ = [
     "sample_from_ids",
     "save_base_model",
     "tiny_unet_config",
+    "to_unit_images",
     "world_tokenizer",
 ]
 
@@ -321,6 +322,11 @@ def base_loss(
     return loss, {"mse": jnp.mean(per_example_mse(pred, target))}
 
 
+def to_unit_images(x: jax.Array) -> jax.Array:
+    """Model-space images in [-1, 1] → [0, 1], clipped (what samplers return)."""
+    return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_inference_steps"))
 def sample_from_ids(
     model: BaseModel,
@@ -343,7 +349,7 @@ def sample_from_ids(
     noise = initial_noise(keys, model.sample_shape)
     x0 = ddim_sample(model.unet_fn, params["unet"], model.schedule, noise, cond, uncond,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, keys=keys)
-    return jnp.clip((x0 + 1.0) / 2.0, 0.0, 1.0)
+    return to_unit_images(x0)
 
 
 def sample(
