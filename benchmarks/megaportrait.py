@@ -118,7 +118,8 @@ def score(probes: P.Probes, images: np.ndarray, heldout: np.ndarray, templates: 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) -> dict[str, Any]:
     workdir = pathlib.Path(workdir)
     t_start = time.perf_counter()
-    model, params = bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
+    model, params = bm.load_pixel_base(config.base.path, attention_backend=config.base.attention_backend,
+                                        job="benchmarks/megaportrait.py")
     builder = builders.prepare(builders.track_builder(config.data, resolution=model.resolution))
     if config.data.source != "synth":
         raise ValueError("benchmarks/megaportrait: templates need the world's ground truth (data.source='synth')")

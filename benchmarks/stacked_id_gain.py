@@ -1,6 +1,7 @@
 """Does the stacked ID encoder carry identity? Held-out loss with each subject's own reference vs another's.
 
-    python -m benchmarks.stacked_id_gain [--track ""|lfw] [--identities 8] [--out runs/stacked_id_gain.json]
+    python -m benchmarks.stacked_id_gain [--track ""|lfw] [--identities 8] [--folder <id_encoder folder>] \
+        [--out runs/stacked_id_gain.json]
 
 For each test identity of the benchmark protocol (``configs/meta_phd_tiny.py[:lfw]``), the ``stacked_id`` method's
 held-out denoising loss (the identity's held-out photos, fixed noise draws) is computed twice: conditioned on the ID
@@ -28,9 +29,12 @@ from metalora.models import base_model as bm
 from metalora.train.io import atomic_write_text
 
 
-def identity_gain(track: str, identities: int, repeats: int = 4) -> dict:
+def identity_gain(track: str, identities: int, repeats: int = 4, folder: str = "") -> dict:
+    """``folder``: an ID encoder written by ``experiments/train_id_encoder.py`` ("" = the benchmark config's)."""
     config = meta_phd_tiny.get_config(track)
     config.protocol.num_identities = identities
+    if folder:
+        config.method.stacked_id.folder = folder
     model, params = bm.load_base(config.base.path)
     builder = builders.prepare(builders.track_builder(config.data, resolution=model.resolution))
     tests = benchmark.choose_tests(config, builders.data_source(builder, config.protocol.split, decode_images=False))
@@ -57,9 +61,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--track", default="", help="'' (procedural world) or 'lfw'")
     parser.add_argument("--identities", type=int, default=8)
+    parser.add_argument("--folder", default="", help="ID encoder folder ('' = the benchmark config's)")
     parser.add_argument("--out", default="runs/stacked_id_gain.json")
     args = parser.parse_args(argv)
-    result = identity_gain(args.track, args.identities)
+    result = identity_gain(args.track, args.identities, folder=args.folder)
     print(f"{result['track']}: {len(result['identities'])} identities, held-out loss with another's reference − with "
           f"the own: {result['mean_diff']:.2e} ± {result['half_width_1.96se']:.2e}; own lower for "
           f"{result['own_lower']}/{len(result['identities'])}")

@@ -30,6 +30,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.encoder.image_dim = 128
     c.encoder.fuse_hidden = 256
     c.encoder.groups = 8
+    # Where the fused ID tokens enter: "output" of the text encoder (PhotoMaker; the shipped asset) or its "input"
+    # token embeddings, as textual inversion's word (metalora.models.id_encoder explains both). Measured on the
+    # procedural base (benchmarks/stacked_id_gain.py, 8 test identities, own − other reference held-out loss):
+    # output 3.4e-5 ± 5.7e-5, input 5.4e-7 ± 9.9e-7, input + contrastive 0.1: 3.1e-6 ± 1.4e-5: none carries identity.
+    c.encoder.inject = "output"
 
     c.lora = ml_collections.ConfigDict()
     c.lora.targets = "attn"
@@ -45,6 +50,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.refs = 1  # reference photos stacked per identity (the benchmark's protocol is 1-shot)
     c.train.query_shots = 1  # target photos per identity (never one of the references)
     c.train.cond_drop_prob = 0.1  # keeps the unconditional branch that guidance needs
+    # Identity-contrastive auxiliary loss on the image embeddings (sid.identity_contrastive_loss): the image
+    # encoder starts from scratch, not from PhotoMaker's pretrained CLIP. 0 = denoising loss only.
+    c.train.contrastive_weight = 0.0
+    c.train.contrastive_temperature = 0.1
     c.train.min_snr_gamma = 0.0  # the base's plain v-loss
     c.train.log_every = 50
     c.train.checkpoint_every = 200

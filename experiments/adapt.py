@@ -4,7 +4,8 @@
         [--config.lora.method=lora] [--config.adapt.identities="(0, 1, 2, 3)"]
 
 ``meta_lora`` adapts Mid/Up on top of the meta-trained ``D`` (``<workdir>/meta_down`` unless
-``--config.adapt.meta_down``); ``lora`` adapts a plain two-factor LoRA from scratch on the same targets.
+``--config.adapt.meta_down``); ``lora`` adapts a plain two-factor LoRA from scratch on the same targets. With a
+Stable Diffusion folder as ``--config.base.path`` the shots are VAE-encoded and the samples decoded.
 Output under ``<workdir>/adapt_<method>/``: ``subject_<id>/pytorch_lora_weights.safetensors`` (diffusers/PEFT
 format), ``samples.png`` (per subject: reference | held-out photo | samples of the evaluation prompts),
 ``results.json`` (held-out denoising loss before/after, inner-loop losses, wall time).
@@ -45,7 +46,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     out = workdir / f"adapt_{method}"
 
     d = config.data
-    builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))
+    builder = builders.prepare(builders.track_builder(d, resolution=model.image_resolution))
     source = builders.data_source(builder, a.split)
     tests = protocol.protocol_from_source(builders.data_source(builder, a.split, decode_images=False), k=a.shots,
                                           seed=config.seed, with_attributes=d.source == "synth")
@@ -63,11 +64,13 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     text = base_params["text_encoder"]
     refs = stack_shots([shot_arrays(source, t.references, model.tokenizer) for t in chosen])
     held = stack_shots([shot_arrays(source, t.heldout[:MAX_HELDOUT], model.tokenizer) for t in chosen])
-    ref_shots = jax.vmap(lambda s: encode_shots(model, text, s))(refs)
-    held_shots = jax.vmap(lambda s: encode_shots(model, text, s))(held)
+    encode = jax.jit(jax.vmap(lambda s: encode_shots(model, text, s, base_params.get("vae"))))
+    ref_shots, held_shots = encode(refs), encode(held)
 
     example_loss = diffusion_example_loss(model.schedule, min_snr_gamma=config.train.min_snr_gamma or None)
-    inner = InnerLoopConfig(steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size, flip=True)
+    # Mirroring augments photos; a mirrored VAE latent is only approximately the latent of the mirrored photo.
+    inner = InnerLoopConfig(steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size,
+                            flip=not model.latent)
     run = jax.jit(lambda h, s, k: adapt_subjects(example_loss, graphdef, base, meta, h, s, k, inner))
     evaluate = jax.jit(jax.vmap(lambda h, p: heldout_loss(example_loss, graphdef, base, meta, h,
                                                           {"images": p["images"], "context": p["context"]},
@@ -86,7 +89,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
         export_diffusers(adapted_model, s, out / f"subject_{test.identity}")
         unet = merged_params(graphdef, base, meta, result.heads, s)
         prompts = [p.text for p in test.prompts for _ in range(a.seeds_per_prompt)]
-        images = bm.sample_from_ids(model, {"unet": unet, "text_encoder": text}, jnp.asarray(model.tokenize(prompts)),
+        images = bm.sample_from_ids(model, {**base_params, "unet": unet}, jnp.asarray(model.tokenize(prompts)),
                                     jax.random.split(jax.random.key(config.seed + 6), len(prompts)),
                                     num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale)
         real = (np.stack([refs["images"][s, 0], held["images"][s, 0]]) + 1.0) / 2.0

@@ -5,6 +5,8 @@
 The base model is frozen; ``D`` (and, for ``joint``, a head table that is discarded afterwards) is trained with the
 one train loop (exact resume, NaN guard, TensorBoard, checkpoints). Output: ``<workdir>/meta_down/`` with
 ``meta_down.safetensors`` + ``meta_down.json``, read by ``experiments/adapt.py``, and ``results.json``.
+``--config.base.path`` may name a diffusers Stable Diffusion (1.x/2.x) folder: the photos are then VAE-encoded
+inside the step and the UNet trains on latents.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from metalora.config_utils import config_to_dict, run_cli
 from metalora.data import builders, episodes
 from metalora.meta import InnerLoopConfig, MetaConfig, diffusion_example_loss, init_meta_params, make_meta_loss
 from metalora.meta.outer import head_table_bytes
-from metalora.meta.personalize import EpisodeBatches, attach_adapters, lora_config, save_meta_down, with_text_encoder
+from metalora.meta.personalize import (
+    EpisodeBatches,
+    attach_adapters,
+    frozen_inputs,
+    lora_config,
+    save_meta_down,
+    with_text_encoder,
+)
 from metalora.models import base_model as bm
 from metalora.train import create_train_state, make_lr_schedule, make_optimizer, make_train_step, run_training_job
 from metalora.train.io import atomic_write_text
@@ -51,7 +60,7 @@ def meta_config(config: ml_collections.ConfigDict) -> MetaConfig:
 
 def make_batches(config: ml_collections.ConfigDict, model: bm.BaseModel, *, with_query: bool) -> EpisodeBatches:
     d, m = config.data, config.meta
-    builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))
+    builder = builders.prepare(builders.track_builder(d, resolution=model.image_resolution))
     sampler = episodes.make_sampler(builder, d.split, identities_per_step=m.identities_per_step, shots=m.shots,
                                     query_shots=m.query_shots if with_query else 0, seed=config.seed,
                                     max_identities=m.num_identities,
@@ -75,8 +84,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     opt_config["total_steps"] = opt_config["total_steps"] or config.train.steps
     optimizer = make_optimizer(opt_config)
     params = init_meta_params(graphdef, base, meta, heads_template, mc, jax.random.key(config.seed + 1))
-    frozen = {"base": base, "text": base_params["text_encoder"]}
-    state = create_train_state(params, optimizer, frozen=frozen)
+    state = create_train_state(params, optimizer, frozen=frozen_inputs(model, base_params, base))
     step_fn = make_train_step(loss_fn, optimizer, lr_schedule=make_lr_schedule(opt_config))
     data = make_batches(config, model, with_query=mc.algorithm in ("fomaml", "maml"))
 

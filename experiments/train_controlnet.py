@@ -85,7 +85,8 @@ class ControlBatches:
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     workdir = pathlib.Path(workdir)
-    model, params = bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
+    model, params = bm.load_pixel_base(config.base.path, attention_backend=config.base.attention_backend,
+                                        job="experiments/train_controlnet.py")
     portrait, controlnet = mp.new_controlnet(model, params, key=jax.random.key(config.seed),
                                              embedding_channels=tuple(config.controlnet.embedding_channels))
     t = config.train

@@ -30,11 +30,14 @@ from metalora.train.io import atomic_write_text
 def encoder_config(config: ml_collections.ConfigDict, model: bm.BaseModel) -> IDEncoderConfig:
     e = config.encoder
     return IDEncoderConfig(text_dim=model.config.text_encoder.hidden_size, channels=tuple(e.channels),
-                           image_dim=e.image_dim, fuse_hidden=e.fuse_hidden, groups=e.groups)
+                           image_dim=e.image_dim, fuse_hidden=e.fuse_hidden, groups=e.groups, inject=e.inject)
 
 
-def make_loss(system: sid.StackedID, *, cond_drop_prob: float, min_snr_gamma: float | None):
-    """Per identity: embed its references, denoise its query photo(s) conditioned on the fused ID tokens."""
+def make_loss(system: sid.StackedID, *, cond_drop_prob: float, min_snr_gamma: float | None,
+              contrastive_weight: float = 0.0, temperature: float = 0.1):
+    """Per identity: embed its references, denoise its query photo(s) conditioned on the fused ID tokens. With
+    ``contrastive_weight`` > 0, plus that times ``sid.identity_contrastive_loss`` between the step's identities'
+    first reference and first query embeddings."""
 
     def loss_fn(params, frozen, batch, key):
         count = batch["identity"].shape[0]
@@ -44,15 +47,21 @@ def make_loss(system: sid.StackedID, *, cond_drop_prob: float, min_snr_gamma: fl
             return sid.denoising_loss(system, params["encoder"], params["lora"], frozen["text"], embeds, query, k,
                                       cond_drop_prob=cond_drop_prob, min_snr_gamma=min_snr_gamma)
 
-        losses = jax.vmap(one)(batch["support"], batch["query"], jax.random.split(key, count))
-        return jnp.mean(losses), {}
+        denoising = jnp.mean(jax.vmap(one)(batch["support"], batch["query"], jax.random.split(key, count)))
+        if not contrastive_weight:
+            return denoising, {}
+        refs, queries = (sid.embed_references(system, params["encoder"], batch[part]["images"][:, 0])
+                         for part in ("support", "query"))
+        contrastive = sid.identity_contrastive_loss(refs, queries, temperature)
+        return denoising + contrastive_weight * contrastive, {"denoising": denoising, "contrastive": contrastive}
 
     return loss_fn
 
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     workdir = pathlib.Path(workdir)
-    model, params = bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
+    model, params = bm.load_pixel_base(config.base.path, attention_backend=config.base.attention_backend,
+                                        job="experiments/train_id_encoder.py")
     enc_config = encoder_config(config, model)
     system, encoder, lora = sid.build(model, params, enc_config, lora_targets=config.lora.targets,
                                       lora_rank=config.lora.rank, key=jax.random.key(config.seed))
@@ -61,7 +70,8 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     opt_config["total_steps"] = opt_config["total_steps"] or t.steps
     optimizer = make_optimizer(opt_config)
     state = create_train_state({"encoder": encoder, "lora": lora}, optimizer, frozen={"text": params["text_encoder"]})
-    loss_fn = make_loss(system, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None)
+    loss_fn = make_loss(system, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None,
+                        contrastive_weight=t.contrastive_weight, temperature=t.contrastive_temperature)
     step_fn = make_train_step(loss_fn, optimizer, lr_schedule=make_lr_schedule(opt_config))
     d = config.data
     builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))

@@ -1,6 +1,8 @@
 """PhotoMaker-style stacked ID: prompt surgery in closed form, a fresh LoRA is a no-op, the merge step of sampling,
 save/load, the training job at smoke size and the tuning-free method in the harness."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,8 @@ from metalora.models.id_encoder import (
     drop_token,
     load_id_encoder,
     pad_rows,
+    place_rows,
+    repeat_token,
     save_id_encoder,
     stack_id,
 )
@@ -39,6 +43,20 @@ def test_stack_id_replaces_the_class_row_and_appends_the_rest():
     no_class = stack_id(context, jnp.asarray([0, 5, 6, 1]), 9, fused[:2])
     np.testing.assert_array_equal(no_class[:4], context)  # nothing replaced, N rows appended
     np.testing.assert_array_equal(pad_rows(context, 2)[4:], np.stack([context[-1]] * 2))
+
+
+def test_repeat_token_shifts_right_and_place_rows_fills_the_copies():
+    ids = jnp.asarray([1, 5, 7, 9, 0, 0])
+    np.testing.assert_array_equal(repeat_token(ids, 7, 3), [1, 5, 7, 7, 7, 9])
+    np.testing.assert_array_equal(repeat_token(ids, 7, 1), ids)
+    np.testing.assert_array_equal(repeat_token(ids, 4, 3), ids)  # absent: unchanged
+    embeds = jnp.arange(12.0).reshape(6, 2)
+    rows = -jnp.ones((2, 2)) * jnp.asarray([[1.0], [2.0]])
+    placed = place_rows(embeds, repeat_token(ids, 7, 2), 7, rows)
+    np.testing.assert_array_equal(placed[2:4], rows)
+    keep = np.asarray([0, 1, 4, 5])
+    np.testing.assert_array_equal(placed[keep], embeds[keep])
+    np.testing.assert_array_equal(place_rows(embeds, ids, 4, rows), embeds)
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +180,102 @@ def test_training_job_smoke_and_the_method_loads_its_output(tmp_path):
     assert np.isfinite(float(method.eval_loss(embeds, _photos(model, 2), jax.random.key(1))))
     images = method.sample(embeds, shots["input_ids"], jax.random.split(jax.random.key(2), 1), 2, 2.0)
     assert images.shape == (1, *model.sample_shape) and float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+
+
+def test_text_encoder_inputs_embeds_equal_the_token_lookup(system):
+    model, params, *_ = system
+    ids = jnp.asarray(model.tokenize(["a photo of a person, smiling", "a person"]))
+    text = params["text_encoder"]
+    np.testing.assert_array_equal(bm.encode_text(model, text, ids, bm.token_embeddings(model, text, ids)),
+                                  bm.encode_text(model, text, ids))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        bm.encode_text(model, text, ids, bm.token_embeddings(model, text, ids[:, :-1]))
+
+
+@pytest.fixture(scope="module")
+def input_system(system):
+    model, params, config, *_ = system
+    config = IDEncoderConfig(**{**config.to_dict(), "channels": (8, 16), "inject": "input"})
+    s, encoder, lora = sid.build(model, params, config, lora_rank=2, key=jax.random.key(0))
+    return s, encoder, lora
+
+
+def test_input_injection_starts_as_the_plain_prompt_with_the_class_word_repeated(system, input_system):
+    """A fresh input-side fuser is class embedding + 0: the ID context is the text encoder on the plain prompt with
+    "person" written N times; the context keeps the prompt's length."""
+    model, params, *_ = system
+    s, encoder, _ = input_system
+    text = params["text_encoder"]
+    ids = jnp.asarray(model.tokenize(["a photo of sks person, smiling"] * 2))
+    for n, plain in ((1, "a photo of a person, smiling"), (2, "a photo of a person person, smiling")):
+        embeds = sid.embed_references(s, encoder, _photos(model, n)["images"])
+        ctx = sid.id_contexts(s, encoder, text, embeds, ids)
+        assert ctx.shape == (*ids.shape, model.config.text_encoder.hidden_size)
+        expected = bm.encode_text(model, text, jnp.asarray(model.tokenize([plain] * 2)))
+        np.testing.assert_allclose(ctx, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_input_injection_changes_the_class_word_and_every_later_row_only(system, input_system):
+    model, params, *_ = system
+    s, encoder, _ = input_system
+    text = params["text_encoder"]
+    leaves, treedef = jax.tree.flatten(encoder)  # the fuser's last layer away from zero (random: a constant shift
+    noise = [0.05 * jax.random.normal(k, x.shape) for k, x in  # of every feature is what LayerNorms remove)
+             zip(jax.random.split(jax.random.key(9), len(leaves)), leaves)]
+    trained = jax.tree.unflatten(treedef, [x + n for x, n in zip(leaves, noise)])
+    embeds = sid.embed_references(s, trained, _photos(model, 1)["images"])
+    ids = jnp.asarray(model.tokenize(["a photo of sks person, smiling"]))
+    ctx = sid.id_contexts(s, trained, text, embeds, ids)
+    plain_ids = s.plain_ids(ids)
+    plain = bm.encode_text(model, text, plain_ids)
+    position = int(np.flatnonzero(np.asarray(plain_ids[0]) == s.class_token)[0])
+    np.testing.assert_allclose(ctx[:, :position], plain[:, :position], rtol=1e-5, atol=1e-6)  # causal encoder
+    changed = np.abs(np.asarray(ctx - plain)).max(axis=-1)[0, position:]
+    assert (changed > 1e-4).all(), changed
+    # gradients reach the encoder through the frozen text encoder
+    grads = jax.grad(lambda e: jnp.sum(sid.id_contexts(s, e, text, sid.embed_references(
+        s, e, _photos(model, 1)["images"]), ids) ** 2))(trained)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_input_injection_samples_and_trains(system, input_system):
+    model, params, *_ = system
+    s, encoder, lora = input_system
+    embeds = sid.embed_references(s, encoder, _photos(model, 2)["images"])
+    loss = sid.denoising_loss(s, encoder, lora, params["text_encoder"], embeds, _photos(model, 2), jax.random.key(0),
+                              cond_drop_prob=0.5)
+    assert np.isfinite(float(loss))
+    ids = jnp.asarray(model.tokenize(["a photo of sks person"]))
+    images = sid.sample(s, encoder, lora, params["text_encoder"], embeds, ids, jax.random.split(jax.random.key(1), 1),
+                        num_inference_steps=2, start_merge_step=1)
+    assert images.shape == (1, *model.sample_shape) and np.isfinite(np.asarray(images)).all()
+
+
+def test_unknown_inject_mode_is_rejected():
+    with pytest.raises(ValueError, match="inject"):
+        IDEncoderConfig(text_dim=8, inject="middle")
+
+
+def test_identity_contrastive_loss_in_closed_form():
+    refs = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])
+    queries = jnp.asarray([[3.0, 0.0], [0.0, 1.0]])  # same directions: cosine 1 on the diagonal, 0 off it
+    tau = 0.5
+    expected = -np.log(np.exp(1 / tau) / (np.exp(1 / tau) + np.exp(0.0)))
+    np.testing.assert_allclose(sid.identity_contrastive_loss(refs, queries, tau), expected, rtol=1e-6)
+    swapped = sid.identity_contrastive_loss(refs, queries[::-1], tau)  # every reference paired with the wrong query
+    np.testing.assert_allclose(swapped, -np.log(np.exp(0.0) / (np.exp(1 / tau) + 1.0)), rtol=1e-6)
+
+
+def test_training_with_the_contrastive_term_reports_both_losses(tmp_path):
+    from configs import id_encoder_tiny
+    from experiments import train_id_encoder
+
+    config = id_encoder_tiny.get_config("smoke")
+    config.encoder.inject = "input"
+    config.train.contrastive_weight = 0.5
+    results = train_id_encoder.main(config, tmp_path)
+    metrics = results["final_metrics"]
+    np.testing.assert_allclose(metrics["train/loss"], metrics["train/denoising"] + 0.5 * metrics["train/contrastive"],
+                               rtol=1e-5)
+    info = json.loads((tmp_path / "id_encoder" / "id_encoder.json").read_text())
+    assert info["config"]["inject"] == "input"

@@ -155,7 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Run (or resume) every method variant × seed on the configured test identities; write the report."""
     workdir = pathlib.Path(workdir)
     t_start = time.perf_counter()
-    model, params = bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
+    model, params = bm.load_pixel_base(config.base.path, attention_backend=config.base.attention_backend,
+                                        job="the benchmark harness")
     d = config.data
     builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))
     tests = choose_tests(config, builders.data_source(builder, config.protocol.split, decode_images=False))

@@ -44,9 +44,14 @@ def attach_adapters(model: bm.BaseModel, params: bm.BaseParams, config: LoRAConf
     return split_roles(unet)
 
 
-def encode_shots(model: bm.BaseModel, text_params: Any, shots: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Shots with token ids → shots with text embeddings (``context``, and ``context_flipped`` if ids given)."""
-    out = {"images": shots["images"]}
+def encode_shots(model: bm.BaseModel, text_params: Any, shots: Mapping[str, jax.Array],
+                 vae_params: Any = None) -> dict[str, jax.Array]:
+    """Shots with token ids → shots with text embeddings (``context``, and ``context_flipped`` if ids given) and
+    images in the UNet's space: photos in [-1, 1] for a pixel model, scaled VAE latents (``bm.encode_images``,
+    with ``vae_params``) for a latent one."""
+    if model.latent and vae_params is None:
+        raise ValueError("encode_shots: the base model draws VAE latents; pass vae_params (params['vae'])")
+    out = {"images": bm.encode_images(model, {"vae": vae_params}, shots["images"])}
     for ids_key, ctx_key in (("input_ids", "context"), ("input_ids_flipped", "context_flipped")):
         if ids_key in shots:
             ids = shots[ids_key]
@@ -56,18 +61,25 @@ def encode_shots(model: bm.BaseModel, text_params: Any, shots: Mapping[str, jax.
 
 
 def with_text_encoder(meta_loss: Callable, model: bm.BaseModel) -> Callable:
-    """Wraps a meta objective so batches carry token ids; the frozen text encoder runs inside the step.
+    """Wraps a meta objective so batches carry photos and token ids; the frozen text encoder (and, for a latent
+    model, the VAE encoder) runs inside the step.
 
-    ``frozen = {"base": UNet base state, "text": text encoder params}``.
+    ``frozen = {"base": UNet base state, "text": text encoder params[, "vae": VAE params]}`` (``frozen_inputs``).
     """
     def loss_fn(params, frozen, batch, key):
         encoded = {"identity": batch["identity"]}
         for part in ("support", "query"):
             if part in batch:
-                encoded[part] = encode_shots(model, frozen["text"], batch[part])
+                encoded[part] = encode_shots(model, frozen["text"], batch[part], frozen.get("vae"))
         return meta_loss(params, {"base": frozen["base"]}, encoded, key)
 
     return loss_fn
+
+
+def frozen_inputs(model: bm.BaseModel, params: bm.BaseParams, base: nnx.State) -> dict[str, Any]:
+    """The ``frozen`` part of a train state that ``with_text_encoder`` reads: the adapted UNet's base role, the
+    text encoder and, for a latent model, the VAE."""
+    return {"base": base, "text": params["text_encoder"], **({"vae": params["vae"]} if model.latent else {})}
 
 
 class EpisodeBatches:

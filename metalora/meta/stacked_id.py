@@ -5,7 +5,8 @@ base model on a subject's reference photos (``metalora.models.id_encoder`` expla
 
 * ``embed_references``: reference images → image embeddings (N, image_dim), computed once per subject;
 * ``id_contexts``: prompt ids with the trigger word ("a photo of sks person ...") → prompt embeddings of the plain
-  prompt ("a photo of a person ...", as the training captions read) with the fused ID tokens in the class word's place;
+  prompt ("a photo of a person ...", as the training captions read) with the fused ID tokens in the class word's place
+  (at the text encoder's output or input, per ``IDEncoderConfig.inject``);
 * ``denoising_loss``: the training objective (a different photo of the same person as the target), also the
   held-out evaluation;
 * ``sample``: DDIM + CFG; the first ``start_merge_step`` steps read the plain class prompt (layout first, as in
@@ -37,6 +38,8 @@ from metalora.models.id_encoder import (
     class_embedding,
     drop_token,
     pad_rows,
+    place_rows,
+    repeat_token,
     stack_id,
 )
 
@@ -54,6 +57,11 @@ class StackedID:
     class_token: int
     pad_id: int
     plain_token: int | None  # the word the trigger stands in for ("a" in "a photo of a person"); None: drop it
+    inject: str  # IDEncoderConfig.inject: "output" or "input" of the text encoder
+
+    def extra_rows(self, references: int) -> int:
+        """Rows the ID context has beyond the prompt's: N - 1 appended at the output, none at the input."""
+        return references - 1 if self.inject == "output" else 0
 
     def plain_ids(self, input_ids: jax.Array) -> jax.Array:
         """Prompt ids as the encoder was trained on them: the trigger back to the plain word (or dropped)."""
@@ -89,7 +97,7 @@ def build(model: bm.BaseModel, params: bm.BaseParams, config: IDEncoderConfig, *
     lora_state = take_heads(init_subject_state(merge_roles(unet_def, base, meta, heads), k_heads, 1), 0)
     tok = model.tokenizer
     system = StackedID(model, encoder_def, unet_def, base, meta, tok.token_to_id(trigger), tok.token_to_id(class_word),
-                       tok.pad_token_id, tok.token_to_id(plain_word) if plain_word else None)
+                       tok.pad_token_id, tok.token_to_id(plain_word) if plain_word else None, config.inject)
     return system, encoder_state, lora_state
 
 
@@ -100,10 +108,20 @@ def embed_references(system: StackedID, encoder_state: nnx.State, images: jax.Ar
 
 def id_contexts(system: StackedID, encoder_state: nnx.State, text_params: nnx.State, image_embeds: jax.Array,
                 input_ids: jax.Array) -> jax.Array:
-    """(B, L + N - 1, D) prompt embeddings: the plain prompt, class word's row → fused ID token 0, the rest appended."""
+    """(B, L + extra_rows(N), D) prompt embeddings of the plain prompt with N fused ID tokens for the class word.
+
+    ``inject="output"``: the class word's output row → fused token 0, the rest appended. ``"input"``: the class word
+    repeated N times in the ids, its token embeddings → the fused tokens, then the text encoder."""
     ids = system.plain_ids(input_ids)
-    context = bm.encode_text(system.model, text_params, ids)
     fuse = nnx.merge(system.encoder_def, encoder_state).fuse
+    if system.inject == "input":
+        ids = jax.vmap(lambda i: repeat_token(i, system.class_token, image_embeds.shape[0]))(ids)
+        class_row = bm.token_embeddings(system.model, text_params, jnp.asarray(system.class_token))
+        fused = fuse(image_embeds, class_row)  # the same N tokens for every prompt
+        rows = jax.vmap(lambda e, i: place_rows(e, i, system.class_token, fused))(
+            bm.token_embeddings(system.model, text_params, ids), ids)
+        return bm.encode_text(system.model, text_params, ids, rows)
+    context = bm.encode_text(system.model, text_params, ids)
     fused = jax.vmap(lambda c, i: fuse(image_embeds, class_embedding(c, i, system.class_token)))(context, ids)
     return jax.vmap(lambda c, i, f: stack_id(c, i, system.class_token, f))(context, ids, fused)
 
@@ -129,12 +147,29 @@ def denoising_loss(system: StackedID, encoder_state: nnx.State, lora_state: nnx.
     context = id_contexts(system, encoder_state, text_params, image_embeds, batch["input_ids"])
     if cond_drop_prob > 0:
         empty = jnp.broadcast_to(jnp.asarray(system.model.empty_ids)[None], batch["input_ids"].shape)
-        uncond = plain_contexts(system, text_params, empty, image_embeds.shape[0] - 1)
+        uncond = plain_contexts(system, text_params, empty, system.extra_rows(image_embeds.shape[0]))
         dropped = jax.random.bernoulli(k_drop, cond_drop_prob, (context.shape[0],))
         context = jnp.where(dropped[:, None, None], uncond, context)
     unet = merge_roles(system.unet_def, system.unet_base, system.unet_meta, lora_state)
     x_t, t, target = training_inputs(system.model.schedule, k_noise, batch["images"])
     return diffusion_loss(unet(x_t, t, context), target, loss_weights(system.model.schedule, t, min_snr_gamma))
+
+
+def identity_contrastive_loss(reference_embeds: jax.Array, query_embeds: jax.Array,
+                              temperature: float = 0.1) -> jax.Array:
+    """Symmetric InfoNCE between (B, d) image embeddings of B *different* identities: reference b should be
+    nearest (cosine) to query b, a different photo of the same person, among the B queries, and vice versa.
+
+    An auxiliary objective for an image encoder trained from scratch: the denoising loss alone barely tells
+    identities apart (the face is a small part of the pixels), while PhotoMaker starts from a contrastively
+    pretrained CLIP image encoder. It uses only the training set's identity labels, not the evaluation's FaceSim."""
+    def unit(x):
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+    logits = unit(reference_embeds) @ unit(query_embeds).T / temperature
+    ref_to_query = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
+    query_to_ref = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
+    return (ref_to_query + query_to_ref) / 2
 
 
 def _merging_unet(unet_fn, params, x, t, cond):
@@ -149,7 +184,7 @@ def sample(system: StackedID, encoder_state: nnx.State, lora_state: nnx.State, t
     """Images (B, H, W, 3) in [0, 1] for prompts with the trigger; DDIM + CFG. Steps before ``start_merge_step`` use
     the plain class prompt (no ID tokens), so the layout forms before the identity is injected (PhotoMaker)."""
     model = system.model
-    extra = image_embeds.shape[0] - 1
+    extra = system.extra_rows(image_embeds.shape[0])
     late = id_contexts(system, encoder_state, text_params, image_embeds, input_ids)
     early = plain_contexts(system, text_params, input_ids, extra)
     empty = plain_contexts(system, text_params, jnp.broadcast_to(jnp.asarray(model.empty_ids)[None], input_ids.shape),

@@ -55,6 +55,7 @@ from metalora.models.clip import CLIPTextConfig, CLIPTextModel, load_clip_text_m
 from metalora.models.loading import load_unet
 from metalora.models.tokenizers import DEFAULT_RARE_TOKENS, WordTokenizer
 from metalora.models.unet import UNet2DConditionModel, UNetConfig
+from metalora.models.vae import AutoencoderKL, AutoencoderKLConfig, load_vae, scale_latents, unscale_latents
 from metalora.train.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -65,15 +66,20 @@ __all__ = [
     "BaseParams",
     "apply_unet",
     "base_loss",
+    "decode_images",
     "denoise",
+    "encode_images",
     "encode_text",
     "init_base_params",
     "load_base_model",
+    "load_pixel_base",
+    "load_stable_diffusion_base",
     "sample",
     "sample_from_ids",
     "save_base_model",
     "tiny_unet_config",
     "to_unit_images",
+    "token_embeddings",
     "world_tokenizer",
 ]
 
@@ -83,7 +89,7 @@ TOKENIZER_FILE = "tokenizer/word_tokenizer.json"
 # The reproducible pretrained base kept in the repository (see its README for the command that made it).
 DEFAULT_BASE_CHECKPOINT = pathlib.Path(__file__).resolve().parents[2] / "assets" / "base_tiny"
 
-BaseParams = dict[str, Any]  # {"unet": nnx.State, "text_encoder": nnx.State}
+BaseParams = dict[str, Any]  # {"unet": nnx.State, "text_encoder": nnx.State[, "vae": nnx.State]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,11 +166,12 @@ def tiny_unet_config(
 class BaseModelConfig:
     """Everything that defines the composite model (no weights). JSON round trip via ``to_dict``/``from_dict``."""
 
-    resolution: int
+    resolution: int  # the UNet's sample size: pixels, or latents when there is a VAE
     unet: UNetConfig
     text_encoder: CLIPTextConfig
-    tokenizer: Mapping[str, Any]  # WordTokenizer.to_dict()
+    tokenizer: Mapping[str, Any]  # WordTokenizer.to_dict(); {} when the model brings its own (a CLIP tokenizer)
     scheduler: Mapping[str, Any]  # NoiseSchedule.to_config()
+    vae: AutoencoderKLConfig | None = None  # a latent-space model (Stable Diffusion); None: the UNet draws pixels
 
     def __post_init__(self):
         if self.unet.per_block("cross_attention_dim")[0] != self.text_encoder.hidden_size:
@@ -173,7 +180,11 @@ class BaseModelConfig:
                 f"encoder's hidden_size={self.text_encoder.hidden_size} (the UNet attends to its hidden states)"
             )
         if self.unet.in_channels != self.unet.out_channels:
-            raise ValueError("BaseModelConfig: a pixel-space UNet must have in_channels == out_channels")
+            raise ValueError("BaseModelConfig: the UNet must predict in its input space (in_channels == "
+                             f"out_channels), got {self.unet.in_channels} → {self.unet.out_channels}")
+        if self.vae is not None and self.vae.latent_channels != self.unet.in_channels:
+            raise ValueError(f"BaseModelConfig: the VAE has {self.vae.latent_channels} latent channels but the UNet "
+                             f"takes {self.unet.in_channels}")
         factor = 2 ** (len(self.unet.block_out_channels) - 1)
         if self.resolution % factor:
             raise ValueError(f"BaseModelConfig: resolution={self.resolution} is not divisible by {factor}, the UNet's "
@@ -226,15 +237,19 @@ class BaseModel:
     Hashable by identity: pass it as a static argument to ``jax.jit`` (build it once per run).
     """
 
-    def __init__(self, config: BaseModelConfig, *, attention_backend: str = "auto"):
+    def __init__(self, config: BaseModelConfig, *, attention_backend: str = "auto", tokenizer: Any = None):
+        """``tokenizer``: the model's own (``HFCLIPTokenizer`` of a Stable Diffusion folder); None builds the
+        ``WordTokenizer`` of ``config.tokenizer``."""
         self.config = config
         self.resolution = int(config.resolution)
         self.channels = int(config.unet.in_channels)
-        self.tokenizer = WordTokenizer.from_dict(dict(config.tokenizer))
+        self.tokenizer = tokenizer if tokenizer is not None else WordTokenizer.from_dict(dict(config.tokenizer))
         self.schedule = NoiseSchedule.from_config(config.scheduler, source="BaseModelConfig.scheduler")
         key = jax.random.key(0)
         self.unet_def = nnx.graphdef(nnx.eval_shape(lambda: _build_unet(config.unet, key, attention_backend)))
         self.text_def = nnx.graphdef(nnx.eval_shape(lambda: _build_text(config.text_encoder, key)))
+        self.vae_def = (None if config.vae is None else nnx.graphdef(nnx.eval_shape(
+            lambda: AutoencoderKL(config.vae, attention_backend=attention_backend, rngs=nnx.Rngs(0)))))
         self.attention_backend = attention_backend
         # A sampler's model_fn is a static jit argument keyed by identity: make it once, here.
         self.unet_fn = functools.partial(apply_unet, self.unet_def)
@@ -242,7 +257,17 @@ class BaseModel:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
+        """What the UNet denoises: (H, W, C) pixels, or latents for a model with a VAE."""
         return (self.resolution, self.resolution, self.channels)
+
+    @property
+    def latent(self) -> bool:
+        return self.vae_def is not None
+
+    @property
+    def image_resolution(self) -> int:
+        """Side of the images the model is trained on and draws (the VAE's factor times ``resolution``)."""
+        return self.resolution * (self.config.vae.downsample_factor if self.latent else 1)
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         return self.tokenizer.tokenize(prompts)
@@ -279,9 +304,18 @@ def apply_unet(unet_def: nnx.GraphDef, unet_params: Any, x: jax.Array, t: jax.Ar
     return nnx.merge(unet_def, unet_params)(x, t, context)
 
 
-def encode_text(model: BaseModel, text_params: Any, input_ids: jax.Array) -> jax.Array:
-    """(B, L, D) prompt embeddings: the CLIP tower's ``last_hidden_state``, as SD-1.x conditions its UNet."""
-    return nnx.merge(model.text_def, text_params)(jnp.asarray(input_ids, jnp.int32)).last_hidden_state
+def encode_text(model: BaseModel, text_params: Any, input_ids: jax.Array,
+                inputs_embeds: jax.Array | None = None) -> jax.Array:
+    """(B, L, D) prompt embeddings: the CLIP tower's ``last_hidden_state``, as SD-1.x conditions its UNet.
+    ``inputs_embeds`` (B, L, D_token) replaces the token lookup (soft tokens; see ``token_embeddings``)."""
+    tower = nnx.merge(model.text_def, text_params)
+    return tower(jnp.asarray(input_ids, jnp.int32), inputs_embeds=inputs_embeds).last_hidden_state
+
+
+def token_embeddings(model: BaseModel, text_params: Any, input_ids: jax.Array) -> jax.Array:
+    """(..., D) rows of the text encoder's token table: what ``encode_text`` feeds its first layer for these ids."""
+    return nnx.merge(model.text_def, text_params).text_model.embeddings.token_embedding(jnp.asarray(input_ids,
+                                                                                                     jnp.int32))
 
 
 def denoise(model: BaseModel, params: BaseParams, x_t: jax.Array, t: jax.Array, input_ids: jax.Array) -> jax.Array:
@@ -327,6 +361,27 @@ def to_unit_images(x: jax.Array) -> jax.Array:
     return jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)
 
 
+def encode_images(model: BaseModel, params: BaseParams, images: jax.Array) -> jax.Array:
+    """Photos (..., H, W, 3) in [-1, 1] → what the UNet denoises: the photos themselves for a pixel model; the
+    scaled VAE posterior *mean* for a latent one (deterministic, so a batch's latents can be cached and resumed
+    runs see the same data; diffusers' scripts draw a posterior sample instead)."""
+    if not model.latent:
+        return images
+    vae = nnx.merge(model.vae_def, params["vae"])
+    flat = jnp.reshape(images, (-1, *images.shape[-3:]))
+    latents = scale_latents(vae.config, vae.encode(flat).mode())
+    return jnp.reshape(latents, (*images.shape[:-3], *latents.shape[1:]))
+
+
+def decode_images(model: BaseModel, params: BaseParams, x: jax.Array) -> jax.Array:
+    """The sampler's output (B, h, w, C) → images (B, H, W, 3) in [0, 1]: through the VAE's decoder when there is
+    one (as diffusers' pipelines decode), clipped either way."""
+    if not model.latent:
+        return to_unit_images(x)
+    vae = nnx.merge(model.vae_def, params["vae"])
+    return to_unit_images(vae.decode(unscale_latents(vae.config, x.astype(jnp.float32))).astype(jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "num_inference_steps"))
 def sample_from_ids(
     model: BaseModel,
@@ -340,8 +395,8 @@ def sample_from_ids(
 ) -> jax.Array:
     """DDIM with classifier-free guidance; one image per row of ``input_ids`` (B, L) and key in ``keys`` (B,).
 
-    Returns images (B, H, W, C) in [0, 1]. Image b depends only on (prompt b, key b), so adding prompts to a batch
-    does not change the other images.
+    Returns images (B, H, W, C) in [0, 1] (decoded by the VAE for a latent model: ``params`` then holds ``"vae"``).
+    Image b depends only on (prompt b, key b), so adding prompts to a batch does not change the other images.
     """
     cond = encode_text(model, params["text_encoder"], input_ids)
     empty = jnp.broadcast_to(jnp.asarray(model.empty_ids)[None], input_ids.shape)
@@ -349,7 +404,7 @@ def sample_from_ids(
     noise = initial_noise(keys, model.sample_shape)
     x0 = ddim_sample(model.unet_fn, params["unet"], model.schedule, noise, cond, uncond,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, keys=keys)
-    return to_unit_images(x0)
+    return decode_images(model, params, x0)
 
 
 def sample(
@@ -441,6 +496,8 @@ def load_base_model(
     """Load ``(model, params)`` from a folder written by ``save_base_model`` (default: the pretrained
     ``assets/base_tiny`` kept in the repository). Only safetensors and JSON are read."""
     path = pathlib.Path(path) if path is not None else DEFAULT_BASE_CHECKPOINT
+    if _diffusers_class(path) is not None:
+        return load_stable_diffusion_base(path, attention_backend=attention_backend)
     index = read_model_index(path)
     unet_cfg = UNetConfig.from_diffusers(convert.load_config(path / "unet"))
     text_cfg = CLIPTextConfig.from_dict(convert.load_config(path / "text_encoder"))
@@ -453,6 +510,53 @@ def load_base_model(
     unet = load_unet(path / "unet", attention_backend=attention_backend)
     text = load_clip_text_model(path / "text_encoder", with_projection=False)
     return model, {"unet": nnx.state(unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param)}
+
+
+def _diffusers_class(path: pathlib.Path) -> str | None:
+    """The ``_class_name`` of a diffusers pipeline folder's ``model_index.json`` (None: not one, or ours)."""
+    try:
+        index = json.loads((path / MODEL_INDEX).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # read_model_index reports it
+    return None if index.get("format") == BASE_FORMAT else index.get("_class_name")
+
+
+def load_stable_diffusion_base(path: str | pathlib.Path, *,
+                               attention_backend: str = "auto") -> tuple[BaseModel, BaseParams]:
+    """A diffusers ``StableDiffusionPipeline`` folder (SD-1.x/2.x) as a personalization base: its UNet, CLIP text
+    encoder (last hidden state, as the pipeline conditions), CLIP tokenizer, scheduler and VAE; the UNet works in
+    the VAE's scaled latent space (``encode_images`` / ``decode_images``). Only safetensors are read.
+
+    SDXL is refused: its UNet also needs pooled text embeddings and micro-conditioning time ids, which the
+    personalization losses do not produce yet (``metalora.models.pipeline`` samples it)."""
+    from metalora.diffusion import load_scheduler_config
+    from metalora.models.pipeline import SD, load_clip_tokenizer
+    from metalora.models.pipeline import read_model_index as read_pipeline_index
+
+    path = pathlib.Path(path)
+    pipeline_class, *_ = read_pipeline_index(path)
+    if pipeline_class != SD:
+        raise ValueError(f"{path}: a {pipeline_class} cannot be a personalization base yet; supported: {SD} "
+                         "(SD-1.x/2.x: one CLIP text encoder, no added conditioning)")
+    unet = load_unet(path / "unet", attention_backend=attention_backend)
+    if unet.config.addition_embed_type:  # (class embeddings are refused by UNetConfig itself)
+        raise ValueError(f"{path}/unet: added conditioning (addition_embed_type="
+                         f"{unet.config.addition_embed_type!r}) is not supported for a personalization base")
+    text = load_clip_text_model(path / "text_encoder", with_projection=False)
+    vae = load_vae(path / "vae", attention_backend=attention_backend)
+    tokenizer = load_clip_tokenizer(path / "tokenizer")
+    if tokenizer.max_length > text.config.max_position_embeddings:
+        raise ValueError(f"{path}: the tokenizer pads to {tokenizer.max_length} tokens but the text encoder has "
+                         f"{text.config.max_position_embeddings} positions")
+    sample_size = convert.load_config(path / "unet").get("sample_size")
+    if not isinstance(sample_size, int):
+        raise ValueError(f"{path}/unet/config.json: sample_size={sample_size!r}; a square int size is needed")
+    config = BaseModelConfig(resolution=sample_size, unet=unet.config, text_encoder=text.config, tokenizer={},
+                             scheduler=load_scheduler_config(path), vae=vae.config)
+    model = BaseModel(config, attention_backend=attention_backend, tokenizer=tokenizer)
+    params = {"unet": nnx.state(unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param),
+              "vae": nnx.state(vae, nnx.Param)}
+    return model, params
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,6 +575,16 @@ def build_base_model(m: Any) -> BaseModel:
                                           text_layers=m.text_layers, text_heads=m.text_heads, tokenizer=tokenizer,
                                           scheduler=scheduler)
     return BaseModel(model_config, attention_backend=m.attention_backend)
+
+
+def load_pixel_base(path: str, *, attention_backend: str = "auto", job: str) -> tuple[BaseModel, BaseParams]:
+    """``load_base`` for the jobs that work on pixel-space bases only; a latent (Stable Diffusion) folder gets an
+    error naming ``job`` instead of a shape error deep inside it."""
+    model, params = load_base(path, attention_backend=attention_backend)
+    if model.latent:
+        raise ValueError(f"{job} runs on pixel-space bases (the world's / LFW's); {path} is a latent Stable "
+                         "Diffusion folder: use experiments/meta_train.py and experiments/adapt.py with it")
+    return model, params
 
 
 def load_base(path: str = "", *, attention_backend: str = "auto") -> tuple[BaseModel, BaseParams]:

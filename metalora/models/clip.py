@@ -151,12 +151,18 @@ class CLIPTextEmbeddings(nnx.Module):
         self.token_embedding = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
         self.position_embedding = nnx.Embed(config.max_position_embeddings, config.hidden_size, **kw)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """Token + position embeddings; ``inputs_embeds`` (B, L, D), when given, stands in for the token lookup
+        (as in transformers: soft tokens such as a stacked ID embedding)."""
         seq_len = input_ids.shape[-1]
         max_len = self.position_embedding.embedding.shape[0]
         if seq_len > max_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings={max_len}")
-        return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(seq_len))
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)
+        elif inputs_embeds.shape[:-1] != input_ids.shape:
+            raise ValueError(f"inputs_embeds {inputs_embeds.shape} does not match input_ids {input_ids.shape}")
+        return inputs_embeds + self.position_embedding(jnp.arange(seq_len))
 
 
 class CLIPAttention(nnx.Module):
@@ -268,11 +274,15 @@ class CLIPTextTransformer(nnx.Module):
         self.encoder = CLIPEncoder(config, **kw)
         self.final_layer_norm = _layer_norm(config, **kw)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 inputs_embeds: jax.Array | None = None) -> CLIPTextOutput:
+        """``input_ids`` always: they give the padding mask and the EOS position of the pooled output, also when
+        ``inputs_embeds`` replaces their token embeddings."""
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
-        hidden_states = self.encoder(self.embeddings(input_ids), attention_mask_for(input_ids, attention_mask))
+        hidden_states = self.encoder(self.embeddings(input_ids, inputs_embeds),
+                                     attention_mask_for(input_ids, attention_mask))
         last = self.final_layer_norm(hidden_states[-1])
         return CLIPTextOutput(last_hidden_state=last, pooled_output=pool_eos(last, input_ids, self.eos_token_id),
                               hidden_states=hidden_states)
@@ -285,8 +295,9 @@ class CLIPTextModel(nnx.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
-        return self.text_model(input_ids, attention_mask)
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 inputs_embeds: jax.Array | None = None) -> CLIPTextOutput:
+        return self.text_model(input_ids, attention_mask, inputs_embeds=inputs_embeds)
 
 
 class CLIPTextModelWithProjection(nnx.Module):
@@ -300,8 +311,9 @@ class CLIPTextModelWithProjection(nnx.Module):
                                           kernel_init=_normal(config.hidden_size**-0.5), dtype=dtype,
                                           param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
-        out = self.text_model(input_ids, attention_mask)
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 inputs_embeds: jax.Array | None = None) -> CLIPTextOutput:
+        out = self.text_model(input_ids, attention_mask, inputs_embeds=inputs_embeds)
         return out.replace(text_embeds=self.text_projection(out.pooled_output))
 
 

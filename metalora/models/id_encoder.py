@@ -7,11 +7,20 @@ identities (reference set → a different photo of the same person); at test tim
 
 Where the stack goes: the prompt is written with a trigger word before the class word ("a photo of sks person ...").
 The trigger goes back to the word it stands for ("a photo of a person ...", the training captions' form; or it is
-dropped, the ids shifting left), the text encoder runs, the class word's row becomes fused embedding 0 and embeddings
-1..N-1 are appended as extra rows. Appending is
-equivalent to inserting them next to the class word because cross-attention keys carry no positions (the text
-encoder has already run); it keeps every prompt's layout fixed for any N. For classifier-free guidance the
-unconditional context is padded to the same length with copies of its last (padding) row.
+dropped, the ids shifting left). Then, per ``IDEncoderConfig.inject``:
+
+* ``"output"`` (PhotoMaker): the text encoder runs, the class word's row of its output becomes fused embedding 0 and
+  embeddings 1..N-1 are appended as extra rows. Appending is equivalent to inserting them next to the class word
+  because cross-attention keys carry no positions (the text encoder has already run); it keeps every prompt's layout
+  fixed for any N. For classifier-free guidance the unconditional context is padded to the same length with copies
+  of its last (padding) row. The fusion is residual + LayerNorm, in the space of the encoder's final LayerNorm.
+* ``"input"``: the class word is repeated N times in the ids (later ids shift right; the last N - 1, padding for
+  any prompt shorter than the context, fall off) and its N token embeddings are replaced by the fused embeddings
+  *before* the text encoder, as textual inversion's learned word enters it. The causal encoder carries the identity
+  into every later row, so a UNet whose cross-attention ignores the class word's own row (it is the same in every
+  caption a base model trained on) still sees it. The fusion is the class word's token embedding plus a
+  zero-initialised MLP (no LayerNorm: token embeddings are not normalised), so a fresh encoder leaves the prompt
+  exactly as written.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from flax import nnx
 from metalora.models.unet_blocks import Precision
 
 F32 = Precision()  # the encoder is small: float32, default attention backend (it has no attention)
+INJECT_MODES = ("output", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +50,11 @@ class IDEncoderConfig:
     image_dim: int = 128
     fuse_hidden: int = 256
     groups: int = 8
+    inject: str = "output"  # where the fused ID tokens enter the prompt: "output" or "input" of the text encoder
+
+    def __post_init__(self):
+        if self.inject not in INJECT_MODES:
+            raise ValueError(f"IDEncoderConfig.inject={self.inject!r}; use one of {INJECT_MODES}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -70,17 +85,20 @@ class ImageEncoder(nnx.Module):
 
 
 class FuseModule(nnx.Module):
-    """(image embedding, class-word embedding) → LayerNorm(class + MLP([image, class])): the fused ID token."""
+    """(image embedding, class-word embedding) → the fused ID token: LayerNorm(class + MLP([image, class])) for
+    ``inject="output"``; class + MLP([image, class]) with the MLP's last layer starting at zero for ``"input"``."""
 
     def __init__(self, config: IDEncoderConfig, *, rngs: nnx.Rngs, precision: Precision = F32):
+        at_input = config.inject == "input"
         self.mlp1 = precision.linear(config.image_dim + config.text_dim, config.fuse_hidden, rngs=rngs)
-        self.mlp2 = precision.linear(config.fuse_hidden, config.text_dim, rngs=rngs)
-        self.layer_norm = precision.layer_norm(config.text_dim, 1e-5, rngs=rngs)
+        self.mlp2 = precision.linear(config.fuse_hidden, config.text_dim, rngs=rngs, zero_init=at_input)
+        self.layer_norm = None if at_input else precision.layer_norm(config.text_dim, 1e-5, rngs=rngs)
 
     def __call__(self, image_embeds: jax.Array, class_embed: jax.Array) -> jax.Array:
         class_embed = jnp.broadcast_to(class_embed, (*image_embeds.shape[:-1], class_embed.shape[-1]))
         hidden = nnx.gelu(self.mlp1(jnp.concatenate([image_embeds, class_embed], axis=-1)))
-        return self.layer_norm(class_embed + self.mlp2(hidden))
+        fused = class_embed + self.mlp2(hidden)
+        return fused if self.layer_norm is None else self.layer_norm(fused)
 
 
 class IDEncoder(nnx.Module):
@@ -113,6 +131,27 @@ def stack_id(context: jax.Array, input_ids: jax.Array, class_token: int, fused: 
     replace = (jnp.arange(context.shape[0]) == first) & jnp.any(hit)
     replaced = jnp.where(replace[:, None], fused[0].astype(context.dtype), context)
     return jnp.concatenate([replaced, fused[1:].astype(context.dtype)], axis=0)
+
+
+def repeat_token(input_ids: jax.Array, token: int, count: int) -> jax.Array:
+    """(L,) ids with the first occurrence of ``token`` repeated ``count`` times; later ids shift right and the last
+    ``count - 1`` fall off (padding, for a prompt shorter than L). Without ``token`` the ids are returned as given."""
+    length = input_ids.shape[-1]
+    hit = input_ids == token
+    first = jnp.where(jnp.any(hit), jnp.argmax(hit), length)
+    position = jnp.arange(length)
+    source = jnp.where(position < first, position, jnp.maximum(position - (count - 1), first))
+    return input_ids[source]
+
+
+def place_rows(embeds: jax.Array, input_ids: jax.Array, token: int, rows: jax.Array) -> jax.Array:
+    """(L, D): ``embeds`` with the rows of the first ``len(rows)`` positions from ``token``'s first occurrence
+    replaced by ``rows`` (after ``repeat_token``, its N copies); unchanged when ``token`` is absent."""
+    hit = input_ids == token
+    offset = jnp.arange(embeds.shape[0]) - jnp.argmax(hit)
+    inside = (offset >= 0) & (offset < rows.shape[0]) & jnp.any(hit)
+    picked = rows[jnp.clip(offset, 0, rows.shape[0] - 1)].astype(embeds.dtype)
+    return jnp.where(inside[:, None], picked, embeds)
 
 
 def class_embedding(context: jax.Array, input_ids: jax.Array, class_token: int) -> jax.Array:

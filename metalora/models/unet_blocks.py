@@ -31,8 +31,11 @@ class Precision:
     attention_backend: str = "auto"
     remat: bool = False
 
-    def linear(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-        return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+    def linear(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = True,
+               zero_init: bool = False) -> nnx.Linear:
+        init = {"kernel_init": nnx.initializers.zeros_init()} if zero_init else {}
+        return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
+                          **init)
 
     def conv(self, c_in: int, c_out: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
              padding: int | None = None, zero_init: bool = False) -> nnx.Conv:

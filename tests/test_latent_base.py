@@ -1,0 +1,121 @@
+"""A diffusers Stable Diffusion folder as the personalization base: VAE latents in, decoded images out, parity
+with diffusers' VAE and with our SD pipeline's sampler, and meta-train → adapt → export on it (tiny random SD)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalora.models import base_model as bm
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from _tiny_sd import build_sd, build_sdxl  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd") / "pipeline"
+    pipe = build_sd(folder)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny references: one thread avoids oversubscribing a 2-core machine
+    yield folder, pipe, bm.load_base(str(folder))
+    torch.set_num_threads(previous)
+
+
+def _nchw(x) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def test_a_stable_diffusion_folder_loads_as_a_latent_base(sd):
+    _, pipe, (model, params) = sd
+    assert model.latent and set(params) == {"unet", "text_encoder", "vae"}
+    assert model.sample_shape == (16, 16, 4) and model.image_resolution == 32
+    np.testing.assert_array_equal(model.tokenize(["a photo of sks"]),
+                                  pipe.tokenizer(["a photo of sks"], padding="max_length", truncation=True,
+                                                 max_length=pipe.tokenizer.model_max_length,
+                                                 return_tensors="np")["input_ids"])
+    ids = model.tokenize(["a photo of sks", ""])
+    with torch.no_grad():
+        hidden = pipe.text_encoder(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+    np.testing.assert_allclose(bm.encode_text(model, params["text_encoder"], ids), hidden, atol=1e-5)
+
+
+def test_images_to_latents_and_back_match_diffusers(sd):
+    _, pipe, (model, params) = sd
+    photos = jax.random.uniform(jax.random.key(0), (2, 3, 32, 32, 3), minval=-1.0, maxval=1.0)  # any leading axes
+    latents = bm.encode_images(model, params, photos)
+    assert latents.shape == (2, 3, *model.sample_shape)
+    scale = pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        expected = pipe.vae.encode(_nchw(photos.reshape(6, 32, 32, 3))).latent_dist.mode() * scale
+        decoded = (pipe.vae.decode(expected / scale).sample / 2 + 0.5).clamp(0, 1)
+    np.testing.assert_allclose(latents.reshape(6, *model.sample_shape), _nhwc(expected), atol=1e-4)
+    images = bm.decode_images(model, params, jnp.asarray(_nhwc(expected)))
+    assert images.shape == (6, 32, 32, 3)
+    np.testing.assert_allclose(images, _nhwc(decoded), atol=1e-4)
+
+
+def test_base_sampler_on_latents_equals_the_sd_pipeline(sd):
+    """``bm.sample_from_ids`` (DDIM + CFG, VAE decode) = ``Pipeline.sample`` from the same keys, which is itself
+    held to diffusers' StableDiffusionPipeline in test_pipeline.py."""
+    from metalora.models.pipeline import load_pipeline
+
+    folder, _, (model, params) = sd
+    prompts = ["a photo of sks", "photo of a cat, sks"]
+    keys = jax.random.split(jax.random.key(3), 2)
+    ours = bm.sample_from_ids(model, params, jnp.asarray(model.tokenize(prompts)), keys, num_inference_steps=4,
+                              guidance_scale=2.5)
+    reference = load_pipeline(folder).sample(prompts, keys=keys, num_inference_steps=4, guidance_scale=2.5)
+    assert ours.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_meta_train_and_adapt_on_a_stable_diffusion_folder(sd, tmp_path):
+    """The procedural world's photos (32 px) as VAE latents: D meta-trained, two subjects adapted, their LoRAs
+    exported in the diffusers format and loaded by diffusers' own pipeline."""
+    from configs import meta_lora_tiny
+    from experiments import adapt, meta_train
+
+    folder, _, _ = sd
+    config = meta_lora_tiny.get_config("smoke")
+    config.base.path = str(folder)
+    trained = meta_train.main(config, tmp_path)
+    assert trained["finished"] and np.isfinite(trained["final_metrics"]["train/loss"])
+    adapted = adapt.main(config, tmp_path)
+    assert np.isfinite(adapted["heldout_loss_after"]).all() and len(adapted["exports"]) == 2
+    from PIL import Image
+
+    grid = np.asarray(Image.open(adapted["samples"]))
+    assert grid.shape[0] >= 2 * 32  # two subjects' rows of 32 px images (pixels, not 16 px latents)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.load_lora_weights(adapted["exports"][0])  # the subject's LoRA loads into the real SD pipeline
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
+def test_sdxl_is_refused_as_a_personalization_base(tmp_path):
+    build_sdxl(tmp_path / "xl")
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline cannot be a personalization base"):
+        bm.load_base(str(tmp_path / "xl"))
+
+
+def test_pixel_only_jobs_refuse_a_latent_base_by_name(sd):
+    folder, _, _ = sd
+    with pytest.raises(ValueError, match="the benchmark harness runs on pixel-space bases"):
+        bm.load_pixel_base(str(folder), job="the benchmark harness")
+
+
+def test_latent_shots_need_the_vae(sd):
+    from metalora.meta.personalize import encode_shots
+
+    _, _, (model, params) = sd
+    shots = {"images": jnp.zeros((1, 32, 32, 3)), "input_ids": jnp.asarray(model.tokenize(["a photo of sks"]))}
+    with pytest.raises(ValueError, match="vae_params"):
+        encode_shots(model, params["text_encoder"], shots)
+    encoded = encode_shots(model, params["text_encoder"], shots, params["vae"])
+    assert encoded["images"].shape == (1, *model.sample_shape)
