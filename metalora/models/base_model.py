@@ -55,7 +55,7 @@ from metalora.models.clip import CLIPTextConfig, CLIPTextModel, load_clip_text_m
 from metalora.models.loading import load_unet
 from metalora.models.tokenizers import DEFAULT_RARE_TOKENS, WordTokenizer
 from metalora.models.unet import UNet2DConditionModel, UNetConfig
-from metalora.models.vae import AutoencoderKL, AutoencoderKLConfig, load_vae, scale_latents, unscale_latents
+from metalora.models.vae import AutoencoderKL, AutoencoderKLConfig, scale_latents, unscale_latents
 from metalora.train.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -529,32 +529,24 @@ def load_stable_diffusion_base(path: str | pathlib.Path, *,
 
     SDXL is refused: its UNet also needs pooled text embeddings and micro-conditioning time ids, which the
     personalization losses do not produce yet (``metalora.models.pipeline`` samples it)."""
-    from metalora.diffusion import load_scheduler_config
-    from metalora.models.pipeline import SD, load_clip_tokenizer
-    from metalora.models.pipeline import read_model_index as read_pipeline_index
+    from metalora.models.pipeline import SD, load_pipeline
 
-    path = pathlib.Path(path)
-    pipeline_class, *_ = read_pipeline_index(path)
-    if pipeline_class != SD:
-        raise ValueError(f"{path}: a {pipeline_class} cannot be a personalization base yet; supported: {SD} "
+    pipe = load_pipeline(path, attention_backend=attention_backend)  # reads and cross-checks every component
+    if pipe.pipeline_class != SD:
+        raise ValueError(f"{path}: a {pipe.pipeline_class} cannot be a personalization base yet; supported: {SD} "
                          "(SD-1.x/2.x: one CLIP text encoder, no added conditioning)")
-    unet = load_unet(path / "unet", attention_backend=attention_backend)
-    if unet.config.addition_embed_type:  # (class embeddings are refused by UNetConfig itself)
+    if pipe.unet.config.addition_embed_type:  # (class embeddings are refused by UNetConfig itself)
         raise ValueError(f"{path}/unet: added conditioning (addition_embed_type="
-                         f"{unet.config.addition_embed_type!r}) is not supported for a personalization base")
-    text = load_clip_text_model(path / "text_encoder", with_projection=False)
-    vae = load_vae(path / "vae", attention_backend=attention_backend)
-    tokenizer = load_clip_tokenizer(path / "tokenizer")
-    if tokenizer.max_length > text.config.max_position_embeddings:
-        raise ValueError(f"{path}: the tokenizer pads to {tokenizer.max_length} tokens but the text encoder has "
-                         f"{text.config.max_position_embeddings} positions")
-    sample_size = convert.load_config(path / "unet").get("sample_size")
-    if not isinstance(sample_size, int):
-        raise ValueError(f"{path}/unet/config.json: sample_size={sample_size!r}; a square int size is needed")
-    config = BaseModelConfig(resolution=sample_size, unet=unet.config, text_encoder=text.config, tokenizer={},
-                             scheduler=load_scheduler_config(path), vae=vae.config)
+                         f"{pipe.unet.config.addition_embed_type!r}) is not supported for a personalization base")
+    height, width = pipe.default_size
+    if height != width:
+        raise ValueError(f"{path}/unet: sample size {height}×{width} px; a personalization base is square")
+    (text,), (tokenizer,), vae = pipe.text_encoders, pipe.tokenizers, pipe.vae
+    config = BaseModelConfig(resolution=height // pipe.vae_scale_factor, unet=pipe.unet.config,
+                             text_encoder=text.config, tokenizer={}, scheduler=pipe.schedule.to_config(),
+                             vae=vae.config)
     model = BaseModel(config, attention_backend=attention_backend, tokenizer=tokenizer)
-    params = {"unet": nnx.state(unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param),
+    params = {"unet": nnx.state(pipe.unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param),
               "vae": nnx.state(vae, nnx.Param)}
     return model, params
 

@@ -415,7 +415,7 @@ def read_model_index(path: str | pathlib.Path) -> tuple[str, dict[str, str], dic
     return pipeline_class, components, options, tuple(skipped)
 
 
-def load_clip_tokenizer(folder: pathlib.Path) -> HFCLIPTokenizer:
+def _load_tokenizer(folder: pathlib.Path) -> HFCLIPTokenizer:
     """SD folders ship ``vocab.json``/``merges.txt``; transformers ≥ 5 saves only ``tokenizer.json``."""
     if (folder / "vocab.json").is_file():
         return HFCLIPTokenizer.from_folder(folder)
@@ -481,7 +481,7 @@ def load_pipeline(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jn
     encoders = tuple(load_clip_text_model(path / name, dtype=dtype, param_dtype=param_dtype,
                                           with_projection=components[name] == "CLIPTextModelWithProjection")
                      for name in names)
-    tokenizers = tuple(load_clip_tokenizer(path / name.replace("text_encoder", "tokenizer")) for name in names)
+    tokenizers = tuple(_load_tokenizer(path / name.replace("text_encoder", "tokenizer")) for name in names)
     _check_compatible(path, pipeline_class, unet, encoders, tokenizers, vae, names)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     schedule = NoiseSchedule.from_config(load_scheduler_config(scheduler_file),
@@ -499,7 +499,6 @@ __all__ = [
     "SDXL",
     "Pipeline",
     "PipelineConfigError",
-    "load_clip_tokenizer",
     "load_pipeline",
     "per_image_keys",
     "read_model_index",
