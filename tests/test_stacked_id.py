@@ -111,9 +111,15 @@ def test_a_fresh_lora_leaves_the_base_unet_unchanged(system):
     from metalora.diffusion import diffusion_loss, training_inputs
 
     ctx = sid.id_contexts(s, encoder, params["text_encoder"], embeds, batch["input_ids"])
-    x_t, t, target = training_inputs(model.schedule, jax.random.split(key)[1], batch["images"])
+    x_t, t, target = training_inputs(model.schedule, key, batch["images"])
     expected = diffusion_loss(model.unet_fn(params["unet"], x_t, t, ctx), target)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # the same draws as the other methods' example loss for the same key: held-out losses are paired
+    from metalora.meta import diffusion_example_loss
+
+    base_unet = model.unet(params)
+    paired = diffusion_example_loss(model.schedule)(base_unet, {"images": batch["images"], "context": ctx}, key)
+    np.testing.assert_allclose(got, paired, rtol=1e-6)
 
 
 def test_sampling_reads_the_plain_prompt_before_the_merge_step(system):

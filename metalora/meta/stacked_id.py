@@ -142,8 +142,11 @@ def denoising_loss(system: StackedID, encoder_state: nnx.State, lora_state: nnx.
                    cond_drop_prob: float = 0.0, min_snr_gamma: float | None = None) -> jax.Array:
     """Denoising loss of ``batch`` (``images`` (b, H, W, 3), ``input_ids`` (b, L) with the trigger) conditioned on
     the ID tokens of ``image_embeds``. ``cond_drop_prob``: each example's prompt becomes the (padded) empty prompt
-    with this probability, so the LoRA keeps the unconditional branch that guidance needs."""
-    k_drop, k_noise = jax.random.split(key)
+    with this probability, so the LoRA keeps the unconditional branch that guidance needs.
+
+    Noise and timesteps are drawn from ``key`` exactly as ``diffusion_example_loss`` draws them, so a held-out loss
+    is paired with the other methods' (same draws for the same key: common random numbers)."""
+    k_drop = jax.random.fold_in(key, 1)
     context = id_contexts(system, encoder_state, text_params, image_embeds, batch["input_ids"])
     if cond_drop_prob > 0:
         empty = jnp.broadcast_to(jnp.asarray(system.model.empty_ids)[None], batch["input_ids"].shape)
@@ -151,7 +154,7 @@ def denoising_loss(system: StackedID, encoder_state: nnx.State, lora_state: nnx.
         dropped = jax.random.bernoulli(k_drop, cond_drop_prob, (context.shape[0],))
         context = jnp.where(dropped[:, None, None], uncond, context)
     unet = merge_roles(system.unet_def, system.unet_base, system.unet_meta, lora_state)
-    x_t, t, target = training_inputs(system.model.schedule, k_noise, batch["images"])
+    x_t, t, target = training_inputs(system.model.schedule, key, batch["images"])
     return diffusion_loss(unet(x_t, t, context), target, loss_weights(system.model.schedule, t, min_snr_gamma))
 
 
