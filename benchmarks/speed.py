@@ -1,12 +1,15 @@
 """Speed benchmarks against diffusers + PEFT (PyTorch), side by side in one run on the same machine.
 
     python -m benchmarks.speed --out runs/speed.json [--threads 2] [--batch 8] [--size 32] [--repeats 5]
-                               [--sections attention,lora_step,sampling,efficiency] [--sample-steps 25]
+                               [--sections attention,groupnorm,lora_step,sampling,efficiency] [--sample-steps 25]
 
 Sections (each prints a Markdown table; all numbers go to the JSON):
 
 * ``attention``: one self-attention call (B, L tokens, H heads of D dims), forward and forward+backward, for our
   backends and torch's fused ``scaled_dot_product_attention``.
+* ``groupnorm``: one GroupNorm over a (2·batch, size, size, 32) NHWC activation (the sampler's CFG batch at the
+  small UNet's first level), forward and gradient: flax's ``nnx.GroupNorm``, the UNet's ``ChannelsLastGroupNorm``
+  (same math, reductions reordered for XLA:CPU) and torch's ``GroupNorm`` (forward only: no_grad).
 * ``lora_step``: a LoRA adaptation training step (forward, backward w.r.t. the LoRA factors only, AdamW) of the
   same UNet config, batch, targets and rank in metalora (one jitted step) and in diffusers + PEFT (eager, and
   ``torch.compile`` with ``--compile``).
@@ -277,6 +280,36 @@ def bench_sampling(args) -> list[dict]:
             for impl, sec, d in (("metalora (jit, lax.scan)", ours_s, diff), ("diffusers loop (eager)", theirs_s, 0.0))]
 
 
+def bench_groupnorm(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from metalora.models.unet_blocks import ChannelsLastGroupNorm
+
+    channels, groups = 32, 8
+    x_np = np.random.default_rng(0).standard_normal((2 * args.batch, args.size, args.size, channels), np.float32)
+    x = jnp.asarray(x_np)
+
+    def timed(name, cls):
+        graphdef, state = nnx.split(cls(channels, num_groups=groups, epsilon=1e-5, use_fast_variance=False,
+                                        rngs=nnx.Rngs(0)))
+        forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+        grad = jax.jit(jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2), argnums=(0, 1)))
+        return {"impl": name,
+                "forward_ms": 1e3 * _median_time(lambda: forward(state, x).block_until_ready(), args.repeats),
+                "grad_ms": 1e3 * _median_time(lambda: jax.block_until_ready(grad(state, x)), args.repeats)}
+
+    rows = [timed("flax nnx.GroupNorm", nnx.GroupNorm), timed("metalora ChannelsLastGroupNorm", ChannelsLastGroupNorm)]
+    norm = torch.nn.GroupNorm(groups, channels, eps=1e-5)
+    x_t = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        rows.append({"impl": "torch GroupNorm", "forward_ms": 1e3 * _median_time(lambda: norm(x_t), args.repeats)})
+    return rows
+
+
 PEAK_MATMUL_N = 1024
 
 
@@ -326,8 +359,8 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"attention": bench_attention, "lora_step": bench_lora_step, "sampling": bench_sampling,
-            "efficiency": bench_efficiency}
+SECTIONS = {"attention": bench_attention, "groupnorm": bench_groupnorm, "lora_step": bench_lora_step,
+            "sampling": bench_sampling, "efficiency": bench_efficiency}
 
 
 def main(argv=None) -> dict:

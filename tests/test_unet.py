@@ -192,3 +192,24 @@ def test_unsupported_config_names_the_field(field, value):
     config = {**TINY_FAMILIES["sd1"], field: value}
     with pytest.raises(UnsupportedConfigError, match=field):
         UNetConfig.from_diffusers(config)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 8, 32), 8), ((3, 5, 16), 4), ((2, 4, 4, 6, 12), 3)])
+def test_channels_last_group_norm_equals_flax_group_norm(shape, groups):
+    """The UNet's GroupNorm (reductions reordered for XLA:CPU) = nnx.GroupNorm's two-pass math, values and grads."""
+    from metalora.models.unet_blocks import ChannelsLastGroupNorm
+
+    kwargs = dict(num_groups=groups, epsilon=1e-5, use_fast_variance=False, rngs=nnx.Rngs(0))
+    ref, ours = nnx.GroupNorm(shape[-1], **kwargs), ChannelsLastGroupNorm(shape[-1], **kwargs)
+    for module in (ref, ours):
+        module.scale.value = jax.random.normal(jax.random.key(1), (shape[-1],))
+        module.bias.value = jax.random.normal(jax.random.key(2), (shape[-1],))
+    x = 5.0 * jax.random.normal(jax.random.key(0), shape) + 3.0
+    np.testing.assert_allclose(ours(x), ref(x), atol=5e-6)
+
+    def grads(module):
+        graphdef, state = nnx.split(module)
+        return jax.grad(lambda s, x: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(x))), argnums=(0, 1))(state, x)
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(ref))):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
