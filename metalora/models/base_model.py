@@ -55,7 +55,7 @@ from metalora.models.clip import CLIPTextConfig, CLIPTextModel, load_clip_text_m
 from metalora.models.loading import load_unet
 from metalora.models.tokenizers import DEFAULT_RARE_TOKENS, WordTokenizer
 from metalora.models.unet import UNet2DConditionModel, UNetConfig
-from metalora.models.vae import AutoencoderKL, AutoencoderKLConfig, scale_latents, unscale_latents
+from metalora.models.vae import AutoencoderKL, AutoencoderKLConfig, decode_to_unit_range, scaled_mean_latents
 from metalora.train.io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -367,9 +367,8 @@ def encode_images(model: BaseModel, params: BaseParams, images: jax.Array) -> ja
     runs see the same data; diffusers' scripts draw a posterior sample instead)."""
     if not model.latent:
         return images
-    vae = nnx.merge(model.vae_def, params["vae"])
-    flat = jnp.reshape(images, (-1, *images.shape[-3:]))
-    latents = scale_latents(vae.config, vae.encode(flat).mode())
+    latents = scaled_mean_latents(nnx.merge(model.vae_def, params["vae"]),
+                                  jnp.reshape(images, (-1, *images.shape[-3:])))
     return jnp.reshape(latents, (*images.shape[:-3], *latents.shape[1:]))
 
 
@@ -378,8 +377,7 @@ def decode_images(model: BaseModel, params: BaseParams, x: jax.Array) -> jax.Arr
     one (as diffusers' pipelines decode), clipped either way."""
     if not model.latent:
         return to_unit_images(x)
-    vae = nnx.merge(model.vae_def, params["vae"])
-    return to_unit_images(vae.decode(unscale_latents(vae.config, x.astype(jnp.float32))).astype(jnp.float32))
+    return decode_to_unit_range(nnx.merge(model.vae_def, params["vae"]), x)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_inference_steps"))

@@ -49,7 +49,7 @@ from metalora.models.clip import CLIPTextModel, CLIPTextModelWithProjection, loa
 from metalora.models.loading import load_unet
 from metalora.models.tokenizers import HFCLIPTokenizer
 from metalora.models.unet import UNet2DConditionModel
-from metalora.models.vae import AutoencoderKL, latent_cache, load_vae, unscale_latents
+from metalora.models.vae import AutoencoderKL, decode_to_unit_range, latent_cache, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,7 @@ def _text_features(state: nnx.State, input_ids: jax.Array, *, graphdef: nnx.Grap
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode_to_unit_range(state: nnx.State, latents: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
     """Scaled latents → images in [0, 1] (diffusers' ``VaeImageProcessor.postprocess`` denormalisation)."""
-    vae = nnx.merge(graphdef, state)
-    images = vae.decode(unscale_latents(vae.config, latents.astype(jnp.float32)))
-    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return decode_to_unit_range(nnx.merge(graphdef, state), latents)
 
 
 def to_uint8(images: np.ndarray | jax.Array) -> np.ndarray:

@@ -340,6 +340,18 @@ def unscale_latents(config: AutoencoderKLConfig, latents: jax.Array) -> jax.Arra
     return latents / config.scaling_factor + (config.shift_factor or 0.0)
 
 
+def scaled_mean_latents(vae: AutoencoderKL, images: jax.Array) -> jax.Array:
+    """Images (B, H, W, C) in [-1, 1] → the diffusion model's latents: the scaled posterior mean (not jitted)."""
+    return scale_latents(vae.config, vae.encode(images).mode())
+
+
+def decode_to_unit_range(vae: AutoencoderKL, latents: jax.Array) -> jax.Array:
+    """The diffusion model's (scaled) latents → images in [0, 1], float32 (diffusers' ``VaeImageProcessor``
+    denormalisation: decode the unscaled latents, ``x / 2 + 0.5``, clip); not jitted."""
+    images = vae.decode(unscale_latents(vae.config, latents.astype(jnp.float32)))
+    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
 def encode(vae: AutoencoderKL, x: jax.Array) -> DiagonalGaussian:
     """Jitted ``vae.encode`` (split → pure function → merge)."""
     graphdef, state = nnx.split(vae)
@@ -364,8 +376,7 @@ def _decode(graphdef, state, z):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _scaled_mean_latents(graphdef, state, x):
-    vae = nnx.merge(graphdef, state)
-    return scale_latents(vae.config, vae.encode(x).mode())
+    return scaled_mean_latents(nnx.merge(graphdef, state), x)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -483,6 +494,7 @@ def vae_from_config(config: AutoencoderKLConfig | Mapping[str, Any], *, seed: in
 
 
 __all__: Sequence[str] = (
-    "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussian", "UnsupportedConfigError", "decode", "encode",
-    "images_to_model_range", "latent_cache", "load_vae", "scale_latents", "unscale_latents", "vae_from_config",
+    "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussian", "UnsupportedConfigError", "decode",
+    "decode_to_unit_range", "encode", "images_to_model_range", "latent_cache", "load_vae", "scale_latents",
+    "scaled_mean_latents", "unscale_latents", "vae_from_config",
 )
