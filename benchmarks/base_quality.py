@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalora.compiler import jit
 from metalora.data import builders, world
 from metalora.eval import metrics as M
 from metalora.eval import probes as P
@@ -69,7 +70,7 @@ def caption_gain(model: bm.BaseModel, params: bm.BaseParams, images: np.ndarray,
                 "empty": jnp.broadcast_to(jnp.asarray(model.empty_ids)[None], ids.shape)}
     noise = jax.random.normal(key, x0.shape)
 
-    @jax.jit
+    @jit
     def mse(input_ids, t):
         t = jnp.full((x0.shape[0],), t, jnp.int32)
         x_t = add_noise(model.schedule, x0, noise, t)

@@ -50,6 +50,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs.sd_unets import UNETS  # noqa: E402
+from metalora.compiler import jit  # noqa: E402
 from metalora.diffusion import NoiseSchedule, diffusion_loss, loss_weights, training_inputs  # noqa: E402
 from metalora.lora import LoRAConfig, init_subject_state, inject, merge_roles, split_roles  # noqa: E402
 from metalora.meta import (  # noqa: E402
@@ -215,9 +216,9 @@ def compile_adapt_step(problem: Problem, args: argparse.Namespace, mesh, rules: 
         result = adapt_subjects(example_loss, g, base, meta, heads, shots, keys, inner)
         return result.heads, result.losses
 
-    jitted = jax.jit(run, in_shardings=(base_sh, meta_sh, heads_sh, jax.tree.map(lambda x: x.sharding, shots),
-                                        keys.sharding),
-                     out_shardings=(heads_sh, batch_sharding(mesh, 2)), donate_argnums=(2,))
+    jitted = jit(run, in_shardings=(base_sh, meta_sh, heads_sh, jax.tree.map(lambda x: x.sharding, shots),
+                                    keys.sharding),
+                 out_shardings=(heads_sh, batch_sharding(mesh, 2)), donate_argnums=(2,))
     start = time.perf_counter()
     lowered = jitted.lower(_abstract(base, base_sh), _abstract(meta, meta_sh), _abstract(heads, heads_sh), shots,
                            keys)

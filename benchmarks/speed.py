@@ -33,6 +33,8 @@ import platform
 import statistics
 import time
 
+from metalora.compiler import jit
+
 SMALL_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
                   norm_num_groups=8, in_channels=4, out_channels=4,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -63,8 +65,8 @@ def bench_attention(args) -> list[dict]:
     jq, jk, jv = map(jnp.asarray, (q, k, v))
     rows = []
     for backend in ("blocked", "einsum", "xla"):
-        fwd = jax.jit(lambda q, k, v, backend=backend: dot_product_attention(q, k, v, backend=backend))
-        grad = jax.jit(jax.grad(lambda q, k, v, backend=backend: jnp.sum(
+        fwd = jit(lambda q, k, v, backend=backend: dot_product_attention(q, k, v, backend=backend))
+        grad = jit(jax.grad(lambda q, k, v, backend=backend: jnp.sum(
             dot_product_attention(q, k, v, backend=backend) ** 2), argnums=(0, 1, 2)))
         rows.append({"impl": f"metalora/{backend}",
                      "fwd_ms": 1e3 * _median_time(lambda f=fwd: f(jq, jk, jv).block_until_ready(), args.repeats),
@@ -123,7 +125,7 @@ def _metalora_lora_step(args, x, t, ctx, attention_backend: str = "auto"):
         pred = merge_roles(graphdef, base, meta, h)(jx, jt, jctx)
         return jnp.mean((pred - jx) ** 2)
 
-    @jax.jit
+    @jit
     def step(h, opt_state):
         loss, grads = jax.value_and_grad(loss_fn)(h)
         updates, opt_state = tx.update(grads, opt_state, h)
@@ -209,7 +211,6 @@ def _metalora_sampler(model, steps: int):
     """``sample(noise_nhwc, cond, uncond) -> x0`` for ``model``: DDIM + CFG, the whole loop one jitted program."""
     import functools
 
-    import jax
     from flax import nnx
 
     from metalora.diffusion import NoiseSchedule, ddim_sample
@@ -220,7 +221,7 @@ def _metalora_sampler(model, steps: int):
     model_fn = functools.partial(apply_unet, graphdef)
     schedule = NoiseSchedule.create(**SD_DDIM)
 
-    @jax.jit
+    @jit
     def sample(params, schedule, noise, cond, uncond):
         return ddim_sample(model_fn, params, schedule, noise, cond, uncond, num_inference_steps=steps,
                            guidance_scale=GUIDANCE_SCALE)
@@ -296,8 +297,8 @@ def bench_groupnorm(args) -> list[dict]:
     def timed(name, cls):
         graphdef, state = nnx.split(cls(channels, num_groups=groups, epsilon=1e-5, use_fast_variance=False,
                                         rngs=nnx.Rngs(0)))
-        forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-        grad = jax.jit(jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2), argnums=(0, 1)))
+        forward = jit(lambda s, x: nnx.merge(graphdef, s)(x))
+        grad = jit(jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2), argnums=(0, 1)))
         return {"impl": name,
                 "forward_ms": 1e3 * _median_time(lambda: forward(state, x).block_until_ready(), args.repeats),
                 "grad_ms": 1e3 * _median_time(lambda: jax.block_until_ready(grad(state, x)), args.repeats)}
@@ -328,7 +329,7 @@ def _peak_matmul_flops(repeats: int) -> float:
 
     n = PEAK_MATMUL_N
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
-    matmul = jax.jit(jnp.matmul)
+    matmul = jit(jnp.matmul)
     return 2 * n**3 / _median_time(lambda: matmul(a, b).block_until_ready(), repeats)
 
 

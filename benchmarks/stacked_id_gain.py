@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import meta_phd_tiny
+from metalora.compiler import jit
 from metalora.data import builders
 from metalora.eval import benchmark
 from metalora.eval import harness as H
@@ -44,7 +45,7 @@ def identity_gain(track: str, identities: int, repeats: int = 4, folder: str = "
     embeds = jax.vmap(method.init_from_shots)(jax.random.split(jax.random.key(0), subjects.count), subjects.shots)
     keys = jax.random.split(jax.random.key(7), repeats)
 
-    @jax.jit
+    @jit
     def heldout(e):
         return jax.vmap(lambda one, photos: jnp.mean(jax.vmap(lambda k: method.eval_loss(one, photos, k))(keys)))(
             e, subjects.heldout)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metalora.compiler import jit
 from metalora.diffusion import NoiseSchedule
 from metalora.lora import LoRAConfig, init_subject_state, inject, split_roles
 from metalora.meta import InnerLoopConfig, adapt_subjects, diffusion_example_loss
@@ -67,7 +68,7 @@ def make_adapt(graphdef, config: InnerLoopConfig):
     example_loss = diffusion_example_loss(NoiseSchedule.create(beta_schedule="squaredcos_cap_v2",
                                                                prediction_type="v_prediction"))
 
-    @jax.jit
+    @jit
     def run(base, meta, heads, shots, keys):
         result = adapt_subjects(example_loss, graphdef, base, meta, heads, shots, keys, config)
         return result.heads, result.losses

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from experiments.meta_train import adapter_config, load_base
+from metalora.compiler import jit
 from metalora.config_utils import run_cli
 from metalora.data import builders, protocol
 from metalora.eval.harness import shot_arrays, stack_shots
@@ -64,17 +65,17 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     text = base_params["text_encoder"]
     refs = stack_shots([shot_arrays(source, t.references, model.tokenizer) for t in chosen])
     held = stack_shots([shot_arrays(source, t.heldout[:MAX_HELDOUT], model.tokenizer) for t in chosen])
-    encode = jax.jit(jax.vmap(lambda s: encode_shots(model, text, s, base_params.get("vae"))))
+    encode = jit(jax.vmap(lambda s: encode_shots(model, text, s, base_params.get("vae"))))
     ref_shots, held_shots = encode(refs), encode(held)
 
     example_loss = diffusion_example_loss(model.schedule, min_snr_gamma=config.train.min_snr_gamma or None)
     # Mirroring augments photos; a mirrored VAE latent is only approximately the latent of the mirrored photo.
     inner = InnerLoopConfig(steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size,
                             flip=not model.latent)
-    run = jax.jit(lambda h, s, k: adapt_subjects(example_loss, graphdef, base, meta, h, s, k, inner))
-    evaluate = jax.jit(jax.vmap(lambda h, p: heldout_loss(example_loss, graphdef, base, meta, h,
-                                                          {"images": p["images"], "context": p["context"]},
-                                                          jax.random.key(config.seed + 4))))
+    run = jit(lambda h, s, k: adapt_subjects(example_loss, graphdef, base, meta, h, s, k, inner))
+    evaluate = jit(jax.vmap(lambda h, p: heldout_loss(example_loss, graphdef, base, meta, h,
+                                                      {"images": p["images"], "context": p["context"]},
+                                                      jax.random.key(config.seed + 4))))
     keys = jax.random.split(jax.random.key(config.seed + 5), subjects)
     before = np.asarray(evaluate(heads, held_shots))
     start = time.perf_counter()

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalora.compiler import jit
 from metalora.diffusion.forward import add_noise, prediction_to_x0_eps
 from metalora.diffusion.schedules import FlowMatchSchedule, NoiseSchedule
 
@@ -207,7 +208,7 @@ def _scan(body, x, xs, return_trajectory: bool):
     return (final, trajectory) if return_trajectory else final
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "num_inference_steps", "return_trajectory", "start_step"))
+@functools.partial(jit, static_argnames=("model_fn", "num_inference_steps", "return_trajectory", "start_step"))
 def _ddim_loop(
     model_fn, params, schedule, noise, cond, uncond, guidance_scale, eta, keys, step_noise, known=None,
     *, num_inference_steps, return_trajectory, start_step=0,
@@ -311,7 +312,7 @@ def ddim_edit(
     return x0 if known is None else known["keep"] * known["x0"] + (1.0 - known["keep"]) * x0
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "num_inference_steps", "return_trajectory"))
+@functools.partial(jit, static_argnames=("model_fn", "num_inference_steps", "return_trajectory"))
 def _ddpm_loop(
     model_fn, params, schedule, noise, cond, uncond, guidance_scale, keys, step_noise,
     *, num_inference_steps, return_trajectory,
@@ -352,7 +353,7 @@ def ddpm_sample(
     )  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "num_inference_steps", "mu", "return_trajectory"))
+@functools.partial(jit, static_argnames=("model_fn", "num_inference_steps", "mu", "return_trajectory"))
 def _flow_euler_loop(
     model_fn, params, schedule, noise, cond, uncond, guidance_scale, *, num_inference_steps, mu, return_trajectory
 ):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalora.compiler import jit
 from metalora.data import builders, protocol, world
 from metalora.eval import metrics as M
 from metalora.eval import probes as P
@@ -116,7 +117,7 @@ def load_subjects(model: bm.BaseModel, text_params: Any, source, tests: Sequence
 
     refs = stack_shots([shot_arrays(source, t.references, model.tokenizer) for t in tests])
     held = stack_shots([shot_arrays(source, t.heldout[:num_heldout], model.tokenizer) for t in tests])
-    encode = jax.jit(jax.vmap(lambda s: encode_shots(model, text_params, s)))
+    encode = jit(jax.vmap(lambda s: encode_shots(model, text_params, s)))
     shots = {**refs, **encode(refs)}
     held = {**held, **encode(held)}
     del held["input_ids_flipped"], held["context_flipped"]  # held-out photos are never flipped
@@ -187,14 +188,14 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
     s_count = subjects.count
     k_init, k_adapt = jax.random.split(jax.random.key(seed))
     if method.tuning_free:
-        trainables = jax.jit(jax.vmap(method.init_from_shots))(jax.random.split(k_init, s_count), subjects.shots)
+        trainables = jit(jax.vmap(method.init_from_shots))(jax.random.split(k_init, s_count), subjects.shots)
     else:
         trainables = jax.vmap(method.init)(jax.random.split(k_init, s_count))
     adapt_keys = jax.random.split(k_adapt, s_count)
     optimizer = method.optimizer(config) if method.optimizer else inner_optimizer(config)
     opt_state = jax.vmap(optimizer.init)(trainables)
 
-    @jax.jit
+    @jit
     def run_chunk(trainables, opt_state, start):
         def one(t, st, shots, key):
             return optimize(method.loss, t, shots, key, config, opt_state=st, start_step=start, optimizer=optimizer)
@@ -202,7 +203,7 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
 
     heldout_keys = jax.random.split(jax.random.key(seed + 7), heldout_repeats)
 
-    @jax.jit
+    @jit
     def heldout(trainables):
         def one(t, photos):
             return jnp.mean(jax.vmap(lambda k: method.eval_loss(t, photos, k))(heldout_keys))
@@ -210,7 +211,7 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
 
     keys = sampling_keys(seed, subjects.prompt_ids.shape[1])
 
-    @jax.jit
+    @jit
     def sample(trainables):
         def one(t, ids):
             if method.sample is not None:

@@ -35,6 +35,7 @@ from flax import nnx
 from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
 
+from metalora.compiler import jit
 from metalora.data import world
 from metalora.eval import metrics as M
 from metalora.eval import probe_data
@@ -223,7 +224,7 @@ def attribute_logits(logits: jax.Array) -> dict[str, jax.Array]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jit, static_argnums=(0, 3))
 def _apply(graphdef, state, images, method: str):
     model = nnx.merge(graphdef, state)
     x = probe_data.to_unit_interval(images)

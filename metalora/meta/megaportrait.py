@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metalora.compiler import jit
 from metalora.data import controls as C
 from metalora.diffusion import ddim_edit, ddim_sample, diffusion_loss, initial_noise, loss_weights, training_inputs
 from metalora.models import base_model as bm
@@ -148,7 +149,7 @@ def controlnet_loss(portrait: Portrait, controlnet_params: nnx.State, base: bm.B
     return diffusion_loss(pred, target, loss_weights(model.schedule, t, min_snr_gamma))
 
 
-@functools.partial(jax.jit, static_argnames=("portrait", "groups", "repeats"))
+@functools.partial(jit, static_argnames=("portrait", "groups", "repeats"))
 def control_loss(portrait: Portrait, controlnet_params: nnx.State, base: bm.BaseParams, images: jax.Array,
                  input_ids: jax.Array, control: jax.Array, key: jax.Array, *, groups: tuple[str, ...],
                  repeats: int = 8) -> jax.Array:
@@ -189,7 +190,7 @@ def _conditions(portrait: Portrait, text_params, input_ids, control, step: str, 
     return cond, uncond
 
 
-@functools.partial(jax.jit, static_argnames=("portrait", "config"))
+@functools.partial(jit, static_argnames=("portrait", "config"))
 def run(portrait: Portrait, params: Mapping[str, nnx.State], text_params: nnx.State, template: jax.Array,
         control: jax.Array, input_ids: jax.Array, keys: jax.Array, config: PortraitConfig) -> dict[str, jax.Array]:
     """The three steps for B templates. ``params``: ``{"unet": personalised UNet, "controlnet": ...}``; ``template``

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metalora.compiler import jit
 from metalora.data import world
 from metalora.diffusion import (
     NoiseSchedule,
@@ -380,7 +381,7 @@ def decode_images(model: BaseModel, params: BaseParams, x: jax.Array) -> jax.Arr
     return decode_to_unit_range(nnx.merge(model.vae_def, params["vae"]), x)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_inference_steps"))
+@functools.partial(jit, static_argnames=("model", "num_inference_steps"))
 def sample_from_ids(
     model: BaseModel,
     params: BaseParams,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from metalora.compiler import jit
 from metalora.models import convert
 
 # transformers' ACT2FN names → jax functions. "gelu" is the exact erf form (torch's default), the tanh forms
@@ -368,6 +369,6 @@ def encode_text(model: nnx.Module, input_ids: np.ndarray | jax.Array) -> CLIPTex
     return _apply(graphdef, state, jnp.asarray(input_ids, dtype=jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _apply(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array) -> CLIPTextOutput:
     return nnx.merge(graphdef, state)(input_ids)

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from metalora.compiler import jit
 from metalora.diffusion import NoiseSchedule, ddim_sample, initial_noise, load_scheduler_config, repeat_for_seeds
 from metalora.models import convert
 from metalora.models.clip import CLIPTextModel, CLIPTextModelWithProjection, load_clip_text_model
@@ -101,7 +102,7 @@ def unet_apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, t: jax.A
     return unet(x, t, cond["encoder_hidden_states"], added_cond_kwargs=added)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layer", "final_norm"))
+@functools.partial(jit, static_argnames=("graphdef", "layer", "final_norm"))
 def _text_features(state: nnx.State, input_ids: jax.Array, *, graphdef: nnx.GraphDef, layer: int | None,
                    final_norm: bool) -> tuple[jax.Array, jax.Array]:
     """(hidden states fed to the UNet, pooled output): ``last_hidden_state`` when ``layer`` is None, else
@@ -119,7 +120,7 @@ def _text_features(state: nnx.State, input_ids: jax.Array, *, graphdef: nnx.Grap
     return hidden, pooled
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(jit, static_argnames=("graphdef",))
 def _decode_to_unit_range(state: nnx.State, latents: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
     """Scaled latents → images in [0, 1] (diffusers' ``VaeImageProcessor.postprocess`` denormalisation)."""
     return decode_to_unit_range(nnx.merge(graphdef, state), latents)

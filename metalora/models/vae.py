@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from metalora.compiler import jit
 from metalora.models import convert
 from metalora.models.attention import dot_product_attention
 from metalora.models.unet_blocks import Precision, ResnetBlock2D, Upsample2D
@@ -364,22 +365,22 @@ def decode(vae: AutoencoderKL, z: jax.Array) -> jax.Array:
     return _decode(graphdef, state, jnp.asarray(z))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _encode(graphdef, state, x):
     return nnx.merge(graphdef, state).encode(x)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _decode(graphdef, state, z):
     return nnx.merge(graphdef, state).decode(z)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _scaled_mean_latents(graphdef, state, x):
     return scaled_mean_latents(nnx.merge(graphdef, state), x)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _scaled_sampled_latents(graphdef, state, x, keys):
     """Each image gets its own key, so a latent does not depend on which batch it was computed in."""
     vae = nnx.merge(graphdef, state)

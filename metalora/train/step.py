@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metalora.compiler import jit
 from metalora.train.state import TrainState
 
 __all__ = ["RESERVED_METRICS", "TrainStep", "ema_update", "make_train_step"]
@@ -165,5 +166,5 @@ def make_train_step(
     if out_shardings is not None:
         state_sh, metrics_sh = out_shardings
         jit_kwargs["out_shardings"] = (_split_state_sharding(state_sh)[0], metrics_sh)
-    jitted = jax.jit(step, donate_argnums=(0,) if donate else (), **jit_kwargs)
+    jitted = jit(step, donate_argnums=(0,) if donate else (), **jit_kwargs)
     return TrainStep(jitted)
