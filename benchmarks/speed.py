@@ -1,7 +1,7 @@
 """Speed benchmarks against diffusers + PEFT (PyTorch), side by side in one run on the same machine.
 
     python -m benchmarks.speed --out runs/speed.json [--threads 2] [--batch 8] [--size 32] [--repeats 5]
-                               [--sections attention,groupnorm,lora_step,sampling,efficiency] [--sample-steps 25]
+                               [--sections attention,groupnorm,conv,lora_step,sampling,efficiency] [--sample-steps 25]
 
 Sections (each prints a Markdown table; all numbers go to the JSON):
 
@@ -10,6 +10,9 @@ Sections (each prints a Markdown table; all numbers go to the JSON):
 * ``groupnorm``: one GroupNorm over a (2·batch, size, size, 32) NHWC activation (the sampler's CFG batch at the
   small UNet's first level), forward and gradient: flax's ``nnx.GroupNorm``, the UNet's ``ChannelsLastGroupNorm``
   (same math, reductions reordered for XLA:CPU) and torch's ``GroupNorm`` (forward only: no_grad).
+* ``conv``: a 3×3 convolution (batch, size, size, 64 → 64), forward and forward + both gradients, compiled by plain
+  ``jax.jit`` (XLA:CPU's defaults: convolutions go to YNNPACK) and by ``metalora.compiler.jit`` (the library's
+  options), and torch's ``conv2d``: the before/after of the compiler options.
 * ``lora_step``: a LoRA adaptation training step (forward, backward w.r.t. the LoRA factors only, AdamW) of the
   same UNet config, batch, targets and rank in metalora (one jitted step) and in diffusers + PEFT (eager, and
   ``torch.compile`` with ``--compile``).
@@ -311,6 +314,45 @@ def bench_groupnorm(args) -> list[dict]:
     return rows
 
 
+def bench_conv(args) -> list[dict]:
+    """A 3×3 same-padded convolution at the UNet's first level (batch, size, size, 64 → 64), forward and forward +
+    both gradients: plain ``jax.jit`` (XLA:CPU's defaults), ``metalora.compiler.jit`` (the library's options) and
+    torch (``conv2d``, fwd under no_grad; fwd+bwd with input and weight gradients)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    channels = 64
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal((args.batch, args.size, args.size, channels), np.float32)
+    w_np = (rng.standard_normal((3, 3, channels, channels), np.float32) / np.sqrt(9 * channels)).astype(np.float32)
+    x, w = jnp.asarray(x_np), jnp.asarray(w_np)
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    grads = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
+    rows = []
+    for name, make in (("jax.jit (XLA defaults)", jax.jit), ("metalora.compiler.jit", jit)):
+        forward, backward = make(conv), make(grads)
+        rows.append({"impl": name,
+                     "fwd_ms": 1e3 * _median_time(lambda f=forward: f(x, w).block_until_ready(), args.repeats),
+                     "fwd_bwd_ms": 1e3 * _median_time(lambda g=backward: jax.block_until_ready(g(x, w)),
+                                                      args.repeats)})
+    x_t = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+    w_t = torch.from_numpy(w_np.transpose(3, 2, 0, 1).copy())
+
+    def torch_fwd():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(x_t, w_t, padding=1)
+
+    def torch_fwd_bwd():
+        a, b = x_t.clone().requires_grad_(True), w_t.clone().requires_grad_(True)
+        (torch.nn.functional.conv2d(a, b, padding=1) ** 2).sum().backward()
+
+    rows.append({"impl": "torch conv2d", "fwd_ms": 1e3 * _median_time(torch_fwd, args.repeats),
+                 "fwd_bwd_ms": 1e3 * _median_time(torch_fwd_bwd, args.repeats)})
+    return rows
+
+
 PEAK_MATMUL_N = 1024
 
 
@@ -360,8 +402,8 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"attention": bench_attention, "groupnorm": bench_groupnorm, "lora_step": bench_lora_step,
-            "sampling": bench_sampling, "efficiency": bench_efficiency}
+SECTIONS = {"attention": bench_attention, "groupnorm": bench_groupnorm, "conv": bench_conv,
+            "lora_step": bench_lora_step, "sampling": bench_sampling, "efficiency": bench_efficiency}
 
 
 def main(argv=None) -> dict:
