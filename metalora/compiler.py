@@ -5,12 +5,13 @@ of in an ``XLA_FLAGS`` environment variable (process-global, read once, easy to 
 options are passed per compilation (``jax.jit(..., compiler_options=...)``), so nothing global changes and callers
 can still add or override options of their own.
 
-Why each option (measured on the project's 2-core x86 CPU machine, ``python -m benchmarks.speed``):
+Why each option (measured on the project's 2-core AMD EPYC machine, ``python -m benchmarks.speed``):
 
 * ``xla_cpu_experimental_ynn_fusion_type = INDIVIDUAL_DOT`` (the default also sends convolutions to YNNPACK). XLA's
   own convolution is much faster here: a 3×3 conv over (8, 32, 32, 64 → 64), forward + both gradients, 40-50 ms with
-  YNNPACK vs 14.5 ms without; the small UNet's forward at batch 16 from ~180 to ~135 ms; the LoRA training step
-  361 → 266 ms and DDIM sampling 1.42 → 1.75 images/s. Dots stay on YNNPACK (90-146 GFLOP/s here, on par with torch).
+  YNNPACK vs 14.5 ms without (``--sections conv``); the small UNet's forward at batch 16 from ~180 to ~135 ms; the
+  LoRA training step 361 → 266-313 ms and DDIM sampling 1.42 → 1.75-1.86 images/s. Dots stay on YNNPACK
+  (90-146 GFLOP/s here, on par with torch); 1×1 convolutions measured as fast as the equivalent dot without it.
 
 The options are resolved lazily, on the first call of a jitted function (so importing the library does not start
 a backend), and only for a CPU default backend. If the installed jaxlib rejects them (a renamed experimental flag
@@ -25,7 +26,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-from jax._src import core as _jax_core
+
+try:  # JAX's own "not inside any trace" test; internal, so optional (see _at_top_level)
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:
+    _trace_state_clean = None
 
 CPU_COMPILER_OPTIONS: Mapping[str, str] = {
     # Convolutions go to XLA's own emitter; dots keep YNNPACK.
@@ -37,7 +42,7 @@ def options_supported(options: Mapping[str, Any]) -> bool:
     """Whether this jaxlib compiles a trivial program with ``options`` (unknown names or values raise)."""
     try:
         jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
-    except Exception:
+    except Exception:  # XLA reports a bad name or value as a generic runtime error
         return False
     return True
 
@@ -62,9 +67,8 @@ def _at_top_level(args: Any) -> bool:
     argument"). Under an eager ``vmap``/``grad`` of a jitted call (not used in this library) both say "nested"
     and that call compiles with XLA's defaults.
     """
-    trace_state_clean = getattr(_jax_core, "trace_state_clean", None)
-    if trace_state_clean is not None:
-        return trace_state_clean()
+    if _trace_state_clean is not None:
+        return _trace_state_clean()
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
 
 
