@@ -27,10 +27,16 @@ def meta_workdir(tmp_path_factory):
 
 
 def test_meta_train_resume_is_bit_identical(meta_workdir, tmp_path):
-    meta_train.main(smoke_config(**{"train.stop_at": 2}), tmp_path)
+    stopped = meta_train.main(smoke_config(**{"train.stop_at": 2}), tmp_path)
     assert not (tmp_path / "meta_down").exists()  # interrupted: no final D yet
+    assert stopped["wall_time_s_total"] == stopped["wall_time_s"]
     resumed = meta_train.main(smoke_config(), tmp_path)
     assert resumed["start_step"] == 2 and resumed["finished"]
+    # The reported time covers both invocations; a rerun of the finished job adds its (no-op) seconds to it.
+    assert resumed["wall_time_s_total"] == pytest.approx(stopped["wall_time_s"] + resumed["wall_time_s"])
+    rerun = meta_train.main(smoke_config(), tmp_path)
+    assert rerun["start_step"] == 4
+    assert rerun["wall_time_s_total"] == pytest.approx(resumed["wall_time_s_total"] + rerun["wall_time_s"])
     straight = load_file(str(meta_workdir / "meta_down" / "meta_down.safetensors"))
     again = load_file(str(tmp_path / "meta_down" / "meta_down.safetensors"))
     assert straight.keys() == again.keys() and straight

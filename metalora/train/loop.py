@@ -389,7 +389,9 @@ def run_training_job(train: Any, *, workdir: str | pathlib.Path, step_fn, state:
 
     ``train`` needs ``steps``, ``log_every``, ``checkpoint_every``, ``progress`` and ``stop_at`` (0 = none). Returns the
     final state and the fields every job's ``results.json`` starts with: ``start_step``, ``step``, ``total_steps``,
-    ``wall_time_s`` (this invocation, compilation included), ``final_metrics`` and ``finished``.
+    ``wall_time_s`` (this invocation, compilation included), ``wall_time_s_total`` (summed over the invocations of a
+    resumed run that wrote ``<workdir>/results.json``: rerunning a finished job must not replace its measured time
+    with the seconds of a no-op resume), ``final_metrics`` and ``finished``.
     """
     start = time.perf_counter()
     with TrainLoop(workdir=workdir, step_fn=step_fn, state=state, data=data, total_steps=train.steps, key=key,
@@ -399,6 +401,16 @@ def run_training_job(train: Any, *, workdir: str | pathlib.Path, step_fn, state:
         state = loop.run(stop_at=train.stop_at or None)
         metrics = dict(loop.last_metrics)
     last = int(state.step)
-    return state, {"start_step": first, "step": last, "total_steps": train.steps,
-                   "wall_time_s": time.perf_counter() - start, "final_metrics": metrics,
+    wall = time.perf_counter() - start
+    return state, {"start_step": first, "step": last, "total_steps": train.steps, "wall_time_s": wall,
+                   "wall_time_s_total": wall + _earlier_wall_time(workdir, first), "final_metrics": metrics,
                    "finished": last == train.steps}
+
+
+def _earlier_wall_time(workdir: str | pathlib.Path, start_step: int) -> float:
+    """Seconds the earlier invocations of a resumed run recorded in ``<workdir>/results.json`` (0 for a fresh run)."""
+    path = pathlib.Path(workdir) / "results.json"
+    if start_step == 0 or not path.is_file():
+        return 0.0
+    earlier = json.loads(path.read_text())
+    return float(earlier.get("wall_time_s_total", earlier.get("wall_time_s", 0.0)))
