@@ -136,8 +136,8 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
                 curves[method], bands[method] = (x, means), (means - cis, means + cis)
             if curves:
                 out.setdefault("plots", {})[metric] = str(plot_curves(
-                    curves, workdir / f"ablation_{metric}.png", xlabel=key if numeric else f"{key} {list(values)}",
-                    ylabel=metric, bands=bands, title=f"{metric} vs {key}"))
+                    curves, workdir / f"ablation_{metric}.png", xlabel=key, ylabel=metric, bands=bands,
+                    title=f"{metric} vs {key}", categories=None if numeric else [str(v) for v in values]))
     atomic_write_text(workdir / "ablation.json", json.dumps(out, indent=1, default=str) + "\n")
     log(table)
     return out

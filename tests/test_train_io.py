@@ -62,6 +62,18 @@ def test_plot_curves_writes_png(tmp_path):
         plot_curves({"bad": ([0, 1, 2], [1.0, 2.0])}, tmp_path / "bad.png")
 
 
+def test_plot_curves_categorical_axis(tmp_path):
+    """Categories are drawn as labelled points with error bars; the PNG differs from the same data as a line."""
+    means = np.array([0.22, 0.19, 0.18])
+    kwargs = dict(bands={"meta_lora": (means - 0.05, means + 0.05)})
+    points = plot_curves({"meta_lora": ([0, 1, 2], means)}, tmp_path / "cat.png",
+                         categories=["joint", "reptile", "fomaml"], **kwargs)
+    line = plot_curves({"meta_lora": ([0, 1, 2], means)}, tmp_path / "line.png", **kwargs)
+    cat_pixels, line_pixels = (np.asarray(Image.open(p).convert("L")) for p in (points, line))
+    assert cat_pixels.shape == line_pixels.shape == (480, 720)
+    assert np.mean(cat_pixels != line_pixels) > 0.01
+
+
 def test_read_metrics_jsonl_later_record_of_a_step_wins(tmp_path):
     lines = [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}, {"step": 4, "loss": 0.25, "lr": 1e-3}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")

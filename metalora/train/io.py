@@ -133,12 +133,16 @@ def plot_curves(
     ylabel: str = "",
     logy: bool = False,
     bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    categories: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Plot named curves on one axis and write a PNG atomically (matplotlib's Agg backend, no display needed).
 
     Args:
       curves: ``{label: (x, y)}`` or ``{label: y}`` (x = 0..len(y)-1).
       bands: optional ``{label: (lower, upper)}`` shaded around the curve of the same label (e.g. a 95% CI).
+      categories: the x axis is categorical: x = 0..n-1 are labelled with these names and each value is drawn as a
+        point with its band as an error bar (a line or shaded area between unordered categories would suggest an
+        interpolation that does not exist).
     """
     import matplotlib
 
@@ -155,10 +159,17 @@ def plot_curves(
             x = np.arange(len(y), dtype=float)
         if x.shape != y.shape:
             raise ValueError(f"curve {label!r}: x has shape {x.shape} but y has shape {y.shape}")
+        band = tuple(np.asarray(b, float) for b in bands[label]) if bands and label in bands else None
+        if categories is not None:
+            yerr = None if band is None else np.stack([y - band[0], band[1] - y])
+            ax.errorbar(x, y, yerr=yerr, label=label, marker="o", linestyle="none", capsize=4)
+            continue
         (line,) = ax.plot(x, y, label=label)
-        if bands and label in bands:
-            lo, hi = (np.asarray(b, float) for b in bands[label])
-            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        if band is not None:
+            ax.fill_between(x, band[0], band[1], color=line.get_color(), alpha=0.2, linewidth=0)
+    if categories is not None:
+        ax.set_xticks(range(len(categories)), [str(c) for c in categories])
+        ax.set_xlim(-0.5, len(categories) - 0.5)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
