@@ -171,6 +171,11 @@ def run_meta_step(problem: str, algorithm: str, mesh: jax.sharding.Mesh) -> dict
     rows = local_rows(mesh, IDENTITIES)
     batch = _global_tree(jax.tree.map(lambda a: a[rows], batch_np), mesh)
     key = _place(jax.random.key_data(jax.random.key(7)), replicated(mesh))  # raw uint32 key: a plain array
+    # Compile before the first collective and meet at a coordination-service barrier: the two processes share two
+    # cores, their compile times differ by more than gloo's fixed 30 s context-initialisation wait, and the first one
+    # to reach the step's collectives would otherwise time out waiting for the other.
+    step_fn.lower(state, batch, key).compile()
+    _barrier(f"compiled {problem} {algorithm}")
     new_state, metrics = step_fn(state, batch, key)
 
     head_spec = [leaf.sharding.spec for leaf in jax.tree.leaves(new_state.params.get("heads", {}))]
@@ -184,6 +189,16 @@ def run_meta_step(problem: str, algorithm: str, mesh: jax.sharding.Mesh) -> dict
         for i, (a, b) in enumerate(zip(flat_after, flat_before, strict=True)):
             out[f"delta_{role}_{i}"] = a - b
     return out
+
+
+def _barrier(name: str, timeout_s: int = 900) -> None:
+    """Waits until every process reached ``name`` (the distributed client's barrier, not a device collective); a
+    no-op in a single-process run (the test's in-process reference)."""
+    from jax._src import distributed  # the coordination-service client has no public accessor
+
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 def _save_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
