@@ -164,7 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=prin
     records = {}
     if probes is not None:
         for row in ROWS:
-            per = [score(probes, images[row][s], H.to_unit(subjects.heldout["images"][s]), templates[s])
+            per = [score(probes, images[row][s], H.to_unit(subjects.heldout_photos[s]), templates[s])
                    for s in range(subjects.count)]
             records[row] = {metric: [v for p in per for v in p[metric]] for metric in per[0]}
     summary = {row: {metric: H.mean_ci(values) for metric, values in metrics.items()}
@@ -235,7 +235,7 @@ def grid(path: pathlib.Path, images: dict[str, list[np.ndarray]], subjects: H.Su
     base_portrait."""
     rows = []
     for s in range(min(max_identities, subjects.count)):
-        reference = H.to_unit(subjects.shots["images"][s, 0])
+        reference = H.to_unit(subjects.shot_photos[s, 0])
         for j in range(images["template"][s].shape[0]):
             rows.append(np.stack([reference, *(images[row][s][j] for row in ROWS)]))
     return save_image_grid(np.concatenate(rows), path, nrow=len(ROWS) + 1)

@@ -21,6 +21,7 @@ from metalora.eval.methods import METHODS
 
 DEFAULT_META_DOWN = "assets/meta_down_tiny"
 DEFAULT_ID_ENCODER = "assets/id_encoder_tiny"
+DEFAULT_CONTROLNET = "assets/controlnet_tiny"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -50,7 +51,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.protocol.max_heldout = 8
     c.protocol.max_prompts = 6
 
-    c.methods = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth", "stacked_id")
+    c.methods = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth", "stacked_id",
+                 "megaportrait")
     c.method = ml_collections.ConfigDict({name: {"learning_rate": 1e-3} for name in METHODS})
     # Meta-LoRA and LoRA: the best rate of the study's sweep (3e-4, 1e-3, 3e-3) for both, on the r3 base: at 3e-3 both
     # over-fit the single shot after ~25 steps (held-out loss rises). Chosen on the study's 4 test identities, which
@@ -77,6 +79,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.method.stacked_id.learning_rate = 0.0
     c.method.stacked_id.folder = DEFAULT_ID_ENCODER
     c.method.stacked_id.start_merge_step = 5
+    # MegaPortrait-style: the ``personalize`` method's adaptation (its own section gives its settings; this section's
+    # learning rate is the adaptation's, kept equal to it), sampled as portraits: identity (landmarks) → shading →
+    # harmonisation in a template photo of another identity that shows what the prompt asks for. The ControlNet
+    # comes from experiments/train_controlnet.py (the shipped one: assets/controlnet_tiny; "untrained" = zero
+    # convolutions); templates from the ``template_split`` photos; the pipeline settings as in megaportrait_tiny.py.
+    c.method.megaportrait.learning_rate = 3e-4
+    c.method.megaportrait.personalize = "meta_lora"
+    c.method.megaportrait.controlnet = DEFAULT_CONTROLNET
+    c.method.megaportrait.template_split = "meta_train"
+    c.method.megaportrait.control_scale = 1.0
+    c.method.megaportrait.shading_strength = 0.6
+    c.method.megaportrait.harmonize_strength = 0.4
+    c.method.megaportrait.seam_pixels = 2
 
     c.lora = ml_collections.ConfigDict()  # shared by meta_lora and lora: same targets and rank
     c.lora.targets = "attn"
@@ -125,6 +140,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.report.title = "Does it work? Held-out denoising loss vs adaptation steps, Meta-LoRA vs LoRA"
     if arg == "lfw":  # real photos: no attribute labels, so no probes; identity judged by a real face model
         c.base.path = "runs/base_lfw/base_model"
+        c.methods = tuple(m for m in c.methods if m != "megaportrait")  # templates need the world's ground truth
         c.data.source = "folders"
         # D meta-trained on LFW identities with the LFW base (configs/meta_lora_tiny.py:lfw)
         c.method.meta_lora.meta_down = "runs/meta_lfw/meta_down"
@@ -145,6 +161,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.method.attn_dreambooth.stage_steps = (1, 1, 2)  # every stage runs within the 4 smoke steps
         c.method.stacked_id.folder = ""  # <workdir>/id_encoder: tests write one first
         c.method.stacked_id.start_merge_step = 1
+        c.method.megaportrait.controlnet = "untrained"
         c.lora.mid_rank = 4
         c.adapt.eval_steps = (0, 2, 4)
         c.adapt.batch_size = 1

@@ -244,6 +244,21 @@ def test_benchmark_resumes_and_refuses_stale_cells(smoke_run):
         benchmark.run(changed, workdir, log=lambda s: None)
 
 
+def test_megaportrait_cells_depend_on_the_method_they_adapt_with(smoke_run):
+    config, _, out = smoke_run
+    table = out["table"]  # (table.md itself is rewritten by the resume test's narrower reruns)
+    assert "megaportrait: portraits in photos of other identities (meta_train split)" in table
+    fingerprint = benchmark.config_fingerprint(config, "megaportrait")
+    other = meta_phd_tiny.get_config("smoke")
+    other.update_from_flattened_dict({"method.meta_lora.meta_down": config.method.meta_lora.meta_down,
+                                      "method.stacked_id.folder": config.method.stacked_id.folder, "export": True})
+    assert benchmark.config_fingerprint(other, "megaportrait") == fingerprint
+    other.method.dreambooth.learning_rate = 1.0  # not its adaptation
+    assert benchmark.config_fingerprint(other, "megaportrait") == fingerprint
+    other.method.meta_lora.meta_down = "elsewhere"  # its adaptation
+    assert benchmark.config_fingerprint(other, "megaportrait") != fingerprint
+
+
 def test_quickstart_reports_a_user_mistake_in_one_line(tmp_path, capsys):
     from experiments import quickstart
 
@@ -271,7 +286,8 @@ def _fake_subjects(seeds_per_prompt: int) -> H.Subjects:
     zeros = lambda n: np.zeros((1, n, 2, 2, 3), np.float32)
     return H.Subjects(tests=(test,), shots={"images": zeros(1)}, heldout={"images": zeros(2)},
                       prompt_ids=np.zeros((1, 2 * seeds_per_prompt, 3), np.int32), prompts=(prompts,),
-                      seeds_per_prompt=seeds_per_prompt, reference_attributes=({},))
+                      seeds_per_prompt=seeds_per_prompt, reference_attributes=({},), shot_photos=zeros(1),
+                      heldout_photos=zeros(2))
 
 
 def test_a_face_detecting_judge_leaves_faceless_samples_out_and_counts_them():

@@ -119,3 +119,54 @@ def test_latent_shots_need_the_vae(sd):
         encode_shots(model, params["text_encoder"], shots)
     encoded = encode_shots(model, params["text_encoder"], shots, params["vae"])
     assert encoded["images"].shape == (1, *model.sample_shape)
+
+
+def test_the_benchmark_harness_runs_on_a_stable_diffusion_folder(sd, tmp_path):
+    """Shots and held-out photos go to the UNet as VAE latents, judges and grids see the photos, samples are decoded;
+    the methods that need photos or one-token words refuse by name."""
+    from PIL import Image
+
+    from configs import meta_phd_tiny
+    from metalora.data import builders
+    from metalora.eval import benchmark
+    from metalora.eval import harness as H
+    from metalora.eval import methods as methods_lib
+    from metalora.meta.inner import diffusion_example_loss
+    from metalora.meta.personalize import attach_adapters, lora_config, save_meta_down
+
+    folder, _, (model, params) = sd
+    config = meta_phd_tiny.get_config("smoke")
+    config.base.path = str(folder)
+    builder = builders.prepare(builders.track_builder(config.data, resolution=model.image_resolution))
+    tests = benchmark.choose_tests(config, builders.data_source(builder, "test", decode_images=False))
+    subjects = H.load_subjects(model, params["text_encoder"], builders.data_source(builder, "test"), tests,
+                               max_heldout=2, vae_params=params["vae"])
+    assert subjects.shots["images"].shape == (2, 1, *model.sample_shape)  # latents for the UNet
+    assert subjects.shot_photos.shape == (2, 1, 32, 32, 3) and subjects.heldout_photos.shape == (2, 2, 32, 32, 3)
+    np.testing.assert_allclose(subjects.heldout["images"], bm.encode_images(model, params, subjects.heldout_photos),
+                               atol=1e-5)
+
+    _, _, meta, _ = attach_adapters(model, params, lora_config("meta_lora", rank=4, mid_rank=4), jax.random.key(3))
+    save_meta_down(tmp_path / "meta_down", meta, {"test": True})
+    config.methods = ("meta_lora", "dreambooth")  # dreambooth with prior images: base samples, VAE-encoded
+    config.sample.at = "final"
+    config.method.meta_lora.meta_down = str(tmp_path / "meta_down")
+    config.probes = "r32"  # the tiny SD draws 32 px images, the probes' size
+    out = benchmark.run(config, tmp_path / "bench", log=lambda s: None)
+    records = out["records"]
+    assert {r["method"] for r in records} == set(config.methods)
+    assert all(np.isfinite(r["heldout_loss"]) for r in records)
+    final = [r for r in records if r["step"] == max(config.adapt.eval_steps)]
+    assert len(final) == 4 and all(np.isfinite(r["r_face_sim"]) and "prompt_alignment" in r for r in final)
+    first = tests[0].identity
+    at_start = {r["method"]: r["heldout_loss"] for r in records if r["step"] == 0 and r["identity"] == first}
+    assert max(at_start.values()) - min(at_start.values()) < 1e-6  # every method starts as the base
+    grid = np.asarray(Image.open(out["plots"]["grid"]))
+    assert grid.shape[1] >= 32 * (2 + 2)  # reference, held-out photo, one sample per prompt: 32 px, not 16 px latents
+
+    loss = diffusion_example_loss(model.schedule)
+    with pytest.raises(ValueError, match="'person' is 6 tokens"):  # the tiny BPE vocabulary spells it in pieces
+        methods_lib.textual_inversion_method(model, params, loss)
+    assert methods_lib._token_ids(model, "sks") == [int(model.tokenize(["sks"])[0, 1])]
+    with pytest.raises(ValueError, match="stacked_id runs on pixel-space bases"):
+        methods_lib.stacked_id_method(model, params, tmp_path)

@@ -279,6 +279,104 @@ def test_controlnet_round_trips_through_disk_and_diffusers(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# As a benchmark method: templates for text prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _ids(**attrs) -> np.ndarray:
+    full = {"pose": "frontal", "expression": "neutral", "glasses": "none", "hat": "none", "background": "white",
+            "lighting": "front"}
+    return world.attribute_ids(full | attrs)
+
+
+def test_match_templates_prefers_photos_that_show_the_prompt():
+    pool = np.stack([_ids(), _ids(), _ids(background="blue"), _ids(), _ids(background="blue", glasses="red"),
+                     _ids(hat="green")])
+    rng = np.random.default_rng(0)
+    picks, shown = mp.match_templates(pool, {"background": "blue", "glasses": "red"}, 1, rng)
+    assert picks.tolist() == [4] and shown == 1.0
+    picks, shown = mp.match_templates(pool, {"background": "blue"}, 2, rng)
+    assert sorted(picks.tolist()) == [2, 4] and shown == 1.0  # distinct while there are enough
+    picks, _ = mp.match_templates(pool, {"background": "blue"}, 5, rng)
+    assert set(picks.tolist()) == {2, 4}  # more samples than matches: repeats, never a worse match
+    picks, shown = mp.match_templates(pool, {"background": "blue", "hat": "red"}, 3, rng)
+    assert set(picks.tolist()) <= {2, 4} and shown == 0.5  # no photo shows both: the best half-matches
+    picks, shown = mp.match_templates(pool, {}, 6, rng)
+    assert sorted(picks.tolist()) == list(range(6)) and shown == 1.0
+    with pytest.raises(ValueError, match="background='plaid'"):
+        mp.match_templates(pool, {"background": "plaid"}, 1, rng)
+
+
+@pytest.fixture(scope="module")
+def smoke_pool():
+    from metalora.data import builders
+
+    builder = builders.prepare(builders.synth_builder("smoke"))
+    return mp.template_pool(builders.data_source(builder, "meta_train", decode_images=False),
+                            builders.data_source(builder, "meta_train"))
+
+
+def test_prompt_templates_show_what_each_prompt_asks_for(smoke_pool):
+    from metalora.data import protocol
+
+    prompts = [protocol.evaluation_prompts([{"background": "white", "glasses": "none", "hat": "none",
+                                             "pose": "frontal", "expression": "neutral"}], identity=i)[:3]
+               for i in range(2)]
+    inputs, info = mp.prompt_templates(smoke_pool, prompts, 2, seed=0)
+    assert inputs["template"].shape == (2, 6, 32, 32, 3)
+    assert inputs["control"].shape == (2, 6, 32, 32, C.CONTROL_CHANNELS)
+    assert np.array(info["template_records"]).shape == (2, 6)
+    pool_attributes = [world.attributes_from_ids(a) for a in smoke_pool.attribute_ids]
+    fractions = []
+    for s, subject_prompts in enumerate(prompts):
+        for j, record in enumerate(info["template_records"][s]):
+            row = smoke_pool.source[record]
+            attrs = world.attributes_from_ids(row["attributes"])
+            wanted = subject_prompts[j // 2].attributes
+
+            def shows(a, wanted=wanted):
+                return sum(a[k] == v for k, v in wanted.items())
+
+            assert shows(attrs) == max(shows(a) for a in pool_attributes)  # no photo of the split shows more
+            fractions.append(shows(attrs) / len(wanted))
+            np.testing.assert_array_equal(inputs["template"][s, j], np.asarray(row["image"]) / np.float32(255))
+            np.testing.assert_array_equal(inputs["control"][s, j], C.photo_control_image(
+                np.asarray(row["image"]), attrs, np.asarray(row["jitter"])))
+    assert info["template_attribute_match"] == pytest.approx(np.mean(fractions[::2]))  # per prompt, as recorded
+    again, _ = mp.prompt_templates(smoke_pool, prompts, 2, seed=0)
+    np.testing.assert_array_equal(again["template"], inputs["template"])  # seeded
+
+
+def test_megaportrait_method_adapts_as_its_base_method_and_keeps_the_template(tiny, smoke_pool):
+    from metalora.data import protocol
+    from metalora.eval import methods as methods_lib
+    from metalora.meta.inner import diffusion_example_loss
+
+    model, params, portrait, controlnet, *_ = tiny
+    personal = methods_lib.lora_method("lora", model, params, diffusion_example_loss(model.schedule), rank=2,
+                                       key=jax.random.key(0))
+    config = mp.PortraitConfig(seam_pixels=1)
+    method = methods_lib.megaportrait_method(personal, portrait, _perturbed(controlnet, jax.random.key(4)), smoke_pool,
+                                             config)
+    assert method.name == "megaportrait" and method.loss is personal.loss and method.init is personal.init
+    assert method.trainable_parameters == personal.trainable_parameters
+    prompts = [protocol.evaluation_prompts([{"background": "white"}], identity=3)[:2]]
+    inputs, _ = method.sampling_inputs(prompts, 1)
+    ids = jnp.asarray(model.tokenize([p.text for p in prompts[0]]))
+    trainable = personal.init(jax.random.key(1))
+    images = method.sample(trainable, ids, jax.random.split(jax.random.key(2), 2), 3, 2.0,
+                           jax.tree.map(lambda x: x[0], inputs))
+    assert images.shape == (2, *model.sample_shape)
+    head = jnp.asarray(inputs["control"][0])[..., C.group_slices()["inpaint"]][..., -1]
+    keep = np.asarray(1.0 - mp.grow_mask(head, 1)) == 1.0
+    np.testing.assert_allclose(np.asarray(images)[keep], inputs["template"][0][keep], atol=1e-6)
+    assert float(np.abs(np.asarray(images)[~keep] - inputs["template"][0][~keep]).mean()) > 1e-3
+    with pytest.raises(ValueError, match="tuned method"):
+        methods_lib.megaportrait_method(dataclasses.replace(personal, init_from_shots=lambda k, s: None), portrait,
+                                        controlnet, smoke_pool, config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Jobs
 # ----------------------------------------------------------------------------------------------------------------
 

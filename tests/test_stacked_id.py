@@ -184,7 +184,7 @@ def test_training_job_smoke_and_the_method_loads_its_output(tmp_path):
     embeds = method.init_from_shots(jax.random.key(0), shots)
     assert embeds.shape == (1, id_encoder_tiny.get_config("smoke").encoder.image_dim)
     assert np.isfinite(float(method.eval_loss(embeds, _photos(model, 2), jax.random.key(1))))
-    images = method.sample(embeds, shots["input_ids"], jax.random.split(jax.random.key(2), 1), 2, 2.0)
+    images = method.sample(embeds, shots["input_ids"], jax.random.split(jax.random.key(2), 1), 2, 2.0, None)
     assert images.shape == (1, *model.sample_shape) and float(images.min()) >= 0.0 and float(images.max()) <= 1.0
 
 

@@ -81,18 +81,46 @@ def build_method(name: str, config: ml_collections.ConfigDict, model: bm.BaseMod
         return methods_lib.attn_dreambooth_method(model, params, model.schedule,
                                                   min_snr_gamma=config.adapt.min_snr_gamma or None, stages=stages,
                                                   reg_weights=[tuple(map(float, w)) for w in mc.reg_weights])
+    if name == "megaportrait":
+        return megaportrait_method(config, model, params, workdir)
     raise ValueError(f"unknown method {name!r}")
+
+
+def megaportrait_method(config: ml_collections.ConfigDict, model: bm.BaseModel, params: bm.BaseParams,
+                        workdir: pathlib.Path) -> methods_lib.Method:
+    """``method.megaportrait``: the ``personalize`` method's adaptation, portraits by the ControlNet at ``controlnet``
+    ("untrained" = a fresh one, zero convolutions: smoke runs) in templates from the ``template_split`` photos."""
+    from metalora.meta import megaportrait as mp
+
+    mc = config.method.megaportrait
+    if mc.personalize == "megaportrait" or mc.personalize not in methods_lib.METHODS:
+        raise ValueError(f"config.method.megaportrait.personalize={mc.personalize!r}: name another benchmark method")
+    if config.data.source != "synth":
+        raise ValueError("megaportrait needs template photos with ground truth (pose, lighting, the head region): "
+                         "the procedural world's (data.source='synth'); leave it out of config.methods on this track")
+    personal = build_method(mc.personalize, config, model, params, workdir)
+    if mc.controlnet == "untrained":
+        portrait, controlnet = mp.new_controlnet(model, params, key=jax.random.key(config.seed))
+    else:
+        portrait, controlnet = mp.load_portrait(model, mc.controlnet)
+    builder = builders.prepare(builders.track_builder(config.data, resolution=model.image_resolution))
+    pool = mp.template_pool(builders.data_source(builder, mc.template_split, decode_images=False),
+                            builders.data_source(builder, mc.template_split))
+    portrait_config = mp.PortraitConfig(control_scale=mc.control_scale, shading_strength=mc.shading_strength,
+                                        harmonize_strength=mc.harmonize_strength, seam_pixels=mc.seam_pixels)
+    return methods_lib.megaportrait_method(personal, portrait, controlnet, pool, portrait_config, seed=config.seed,
+                                           info={"controlnet": mc.controlnet, "template_split": mc.template_split})
 
 
 def class_images(model: bm.BaseModel, params: bm.BaseParams, n: int, seed: int, num_inference_steps: int,
                  guidance_scale: float) -> tuple[jax.Array, jax.Array]:
-    """DreamBooth's prior-preservation set: ``n`` base-model samples of the bare class prompt, in [-1, 1], and the
-    prompt's embedding per image."""
+    """DreamBooth's prior-preservation set: ``n`` base-model samples of the bare class prompt in the UNet's space
+    (photos in [-1, 1], or their VAE latents), and the prompt's embedding per image."""
     prompt = protocol.class_word_prompts(identifier="")[0].text
     ids = jnp.asarray(model.tokenize([prompt] * n))
     images = bm.sample_from_ids(model, params, ids, jax.random.split(jax.random.key(seed + 99), n),
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    return images * 2.0 - 1.0, bm.encode_text(model, params["text_encoder"], ids)
+    return bm.encode_images(model, params, images * 2.0 - 1.0), bm.encode_text(model, params["text_encoder"], ids)
 
 
 def choose_tests(config: ml_collections.ConfigDict, source_meta) -> tuple[protocol.TestIdentity, ...]:
@@ -118,7 +146,11 @@ def config_fingerprint(config: ml_collections.ConfigDict, method: str | None = N
     for k in ("methods", "seeds", "report", "progress"):
         d.pop(k, None)
     if method is not None:
-        d["method"] = {method: d.get("method", {}).get(method)}
+        sections = d.get("method", {})
+        d["method"] = {method: sections.get(method)}
+        uses = (sections.get(method) or {}).get("personalize")  # megaportrait: its adaptation is that method's
+        if uses:
+            d["method"][uses] = sections.get(uses)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -155,23 +187,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Run (or resume) every method variant × seed on the configured test identities; write the report."""
     workdir = pathlib.Path(workdir)
     t_start = time.perf_counter()
-    model, params = bm.load_pixel_base(config.base.path, attention_backend=config.base.attention_backend,
-                                        job="the benchmark harness")
+    model, params = bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
     d = config.data
-    builder = builders.prepare(builders.track_builder(d, resolution=model.resolution))
+    builder = builders.prepare(builders.track_builder(d, resolution=model.image_resolution))
     tests = choose_tests(config, builders.data_source(builder, config.protocol.split, decode_images=False))
     subjects = H.load_subjects(model, params["text_encoder"], builders.data_source(builder, config.protocol.split),
                                tests, max_heldout=config.protocol.max_heldout,
                                seeds_per_prompt=config.sample.seeds_per_prompt,
-                               max_prompts=config.protocol.max_prompts or None)
+                               max_prompts=config.protocol.max_prompts or None, vae_params=params.get("vae"))
     probes = P.load_probes(config.probes) if config.probes else None
     judge = make_judge(config.get("judge", "probes"), probes)
     log(f"{subjects.count} test identities {subjects.identities}, {config.protocol.shots} shot(s), "
         f"{len(subjects.prompts[0])} prompts × {subjects.seeds_per_prompt} seeds; probes: "
         f"{probes.path if probes else 'none'}; identity judge: {judge.name if judge else 'none'}")
     a = config.adapt
-    inner = InnerLoopConfig(steps=1, learning_rate=1.0, optimizer=a.optimizer, batch_size=a.batch_size, flip=a.flip,
-                            max_shift=a.max_shift)
+    # A mirrored VAE latent is only approximately the latent of the mirrored photo: latent bases adapt unmirrored
+    # (as experiments/adapt.py does).
+    inner = InnerLoopConfig(steps=1, learning_rate=1.0, optimizer=a.optimizer, batch_size=a.batch_size,
+                            flip=a.flip and not model.latent, max_shift=a.max_shift)
     records, info, final_samples, exports = [], {}, {}, {}
     all_variants = variants(config)
     methods = {name: build_method(name, config, model, params, workdir) for name in dict.fromkeys(n for _, n, _ in
@@ -206,7 +239,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                         "seconds_per_step": result.seconds_per_step, "first_chunk_seconds": result.chunk_seconds[0]
                         if result.chunk_seconds else None, "cell_seconds": time.perf_counter() - t0,
                         "train_loss_first": result.train_losses[:, 0].tolist() if result.train_losses.size else [],
-                        "train_loss_last": result.train_losses[:, -1].tolist() if result.train_losses.size else []}
+                        "train_loss_last": result.train_losses[:, -1].tolist() if result.train_losses.size else [],
+                        "sampling_info": result.sampling_info}
                 if config.export and method.export is not None:
                     cell["exports"] = [str(method.export(jax.tree.map(lambda x, s=s: x[s], result.trainables),
                                                          workdir / "exports" / variant / f"seed{seed}"
@@ -222,6 +256,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             records += cell["records"]
             info[variant].setdefault("seconds_per_step_all_subjects", []).append(cell["seconds_per_step"])
             info[variant].setdefault("cell_seconds", []).append(cell["cell_seconds"])
+            for key, value in cell.get("sampling_info", {}).items():
+                info[variant].setdefault(key, []).append(value)
             exports.setdefault(variant, []).extend(cell.get("exports", []))
             if cell["samples"]:
                 final_samples.setdefault(variant, []).append(next(iter(cell["samples"].values())))
@@ -303,6 +339,17 @@ def _notes(config) -> list[str]:
     return notes
 
 
+def _method_notes(info: Mapping[str, Any]) -> list[str]:
+    notes = []
+    for variant, i in info.items():
+        if "template_attribute_match" in i:
+            notes.append(f"{variant}: portraits in photos of other identities ({i['template_split']} split) chosen to "
+                         f"show what each prompt asks for (they show {np.mean(i['template_attribute_match']):.0%} of "
+                         f"the prompted attributes), so its prompt alignment is partly the template's; it adapts as "
+                         f"{i['personalize']} does (same held-out loss).")
+    return notes
+
+
 def _short_extras(info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for variant, i in info.items():
@@ -318,7 +365,7 @@ def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequenc
            summary: Mapping[str, Any], info: Mapping[str, Any],
            final_samples: Mapping[str, list[np.ndarray]]) -> dict[str, Any]:
     """table.md, plots and the image grid; returns the results dict (written by the caller)."""
-    table = H.markdown_table(summary, _short_extras(info), notes=_notes(config))
+    table = H.markdown_table(summary, _short_extras(info), notes=_notes(config) + _method_notes(info))
     n_cells = len(config.seeds) * subjects.count
     header = (f"# {config.report.title}\n\n{subjects.count} identities × {len(config.seeds)} seeds = {n_cells} "
               f"cells per method; mean ± 95% CI (Student t). {config.protocol.shots} reference shot(s), "
@@ -363,7 +410,7 @@ def image_grid(path: pathlib.Path, subjects: H.Subjects, final_samples: Mapping[
     rows = []
     n = subjects.seeds_per_prompt
     for s in range(min(max_identities, subjects.count)):
-        real = H.to_unit(np.stack([subjects.shots["images"][s, 0], subjects.heldout["images"][s, 0]]))
+        real = H.to_unit(np.stack([subjects.shot_photos[s, 0], subjects.heldout_photos[s, 0]]))
         for arrays in final_samples.values():
             rows.append(np.concatenate([real, arrays[0][s][::n]]))  # first seed of the method's first seed cell
     width = max(len(r) for r in rows)

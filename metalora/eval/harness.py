@@ -80,8 +80,10 @@ def stack_shots(dicts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, jax.Arra
 
 @dataclasses.dataclass(frozen=True)
 class Subjects:
-    """S test identities, stacked: ``shots`` (S, k, ...), ``heldout`` (S, h, ...) with ``images`` in [-1, 1],
-    ``input_ids`` and ``context``; ``prompt_ids`` (S, N, L) for N = prompts × seeds_per_prompt samples."""
+    """S test identities, stacked: ``shots`` (S, k, ...), ``heldout`` (S, h, ...) with ``images`` in the UNet's
+    space (photos in [-1, 1] for a pixel base, scaled VAE latents for a latent one), ``input_ids`` and ``context``;
+    ``prompt_ids`` (S, N, L) for N = prompts × seeds_per_prompt samples. ``shot_photos`` / ``heldout_photos`` are
+    the photos themselves in [-1, 1] (what judges and grids look at), whatever the base's space."""
 
     tests: tuple[protocol.TestIdentity, ...]
     shots: dict[str, jax.Array]
@@ -90,6 +92,8 @@ class Subjects:
     prompts: tuple[tuple[protocol.EvalPrompt, ...], ...]  # per subject, P prompts
     seeds_per_prompt: int
     reference_attributes: tuple[dict[str, str], ...]  # of each subject's first reference ({} on real photos)
+    shot_photos: jax.Array
+    heldout_photos: jax.Array
 
     @property
     def count(self) -> int:
@@ -101,8 +105,10 @@ class Subjects:
 
 
 def load_subjects(model: bm.BaseModel, text_params: Any, source, tests: Sequence[protocol.TestIdentity], *,
-                  max_heldout: int = 8, seeds_per_prompt: int = 2, max_prompts: int | None = None) -> Subjects:
-    """Read and encode the shots, held-out photos and prompts of ``tests`` (a decoded tfds source of their split).
+                  max_heldout: int = 8, seeds_per_prompt: int = 2, max_prompts: int | None = None,
+                  vae_params: Any = None) -> Subjects:
+    """Read and encode the shots, held-out photos and prompts of ``tests`` (a decoded tfds source of their split);
+    a latent base needs ``vae_params`` (``params["vae"]``) to encode the photos.
 
     Subjects need the same number of prompts to be stacked: all keep the smallest count (≤ ``max_prompts``).
     """
@@ -117,7 +123,8 @@ def load_subjects(model: bm.BaseModel, text_params: Any, source, tests: Sequence
 
     refs = stack_shots([shot_arrays(source, t.references, model.tokenizer) for t in tests])
     held = stack_shots([shot_arrays(source, t.heldout[:num_heldout], model.tokenizer) for t in tests])
-    encode = jit(jax.vmap(lambda s: encode_shots(model, text_params, s)))
+    encode = jit(jax.vmap(lambda s: encode_shots(model, text_params, s, vae_params)))
+    shot_photos, heldout_photos = refs["images"], held["images"]
     shots = {**refs, **encode(refs)}
     held = {**held, **encode(held)}
     del held["input_ids_flipped"], held["context_flipped"]  # held-out photos are never flipped
@@ -128,7 +135,8 @@ def load_subjects(model: bm.BaseModel, text_params: Any, source, tests: Sequence
     for t in tests:
         raw = builders.decode_text(source[int(t.references[0])]["attributes_json"])
         ref_attrs.append(json.loads(raw) if raw else {})
-    return Subjects(tuple(tests), shots, held, prompt_ids, prompts, seeds_per_prompt, tuple(ref_attrs))
+    return Subjects(tuple(tests), shots, held, prompt_ids, prompts, seeds_per_prompt, tuple(ref_attrs),
+                    shot_photos=shot_photos, heldout_photos=heldout_photos)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,6 +159,7 @@ class MethodRun:
     chunk_seconds: list[float]
     chunk_steps: int
     trainables: Any = None  # the adapted trainables at the last step, leading subject axis
+    sampling_info: dict[str, Any] = dataclasses.field(default_factory=dict)  # from ``Method.sampling_inputs``
 
     @property
     def seconds_per_step(self) -> float:
@@ -210,15 +219,18 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
         return jax.vmap(one)(trainables, subjects.heldout)
 
     keys = sampling_keys(seed, subjects.prompt_ids.shape[1])
+    inputs, sampling_info = None, {}
+    if method.sampling_inputs is not None and (sample_steps is None or len(sample_steps)):
+        inputs, sampling_info = method.sampling_inputs(subjects.prompts, subjects.seeds_per_prompt)
 
     @jit
-    def sample(trainables):
-        def one(t, ids):
+    def sample(trainables, inputs):
+        def one(t, ids, x):
             if method.sample is not None:
-                return method.sample(t, ids, keys, num_inference_steps, guidance_scale)
+                return method.sample(t, ids, keys, num_inference_steps, guidance_scale, x)
             return bm.sample_from_ids(model, method.sampling_params(t), ids, keys,
                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        return jax.vmap(one)(trainables, subjects.prompt_ids)
+        return jax.vmap(one)(trainables, subjects.prompt_ids, inputs)
 
     samples, losses_at, train_losses, seconds = {}, {}, [], []
     done = 0
@@ -232,11 +244,12 @@ def run_method(method: Method, model: bm.BaseModel, subjects: Subjects, *, seed:
             done += chunk
         losses_at[target] = np.asarray(heldout(trainables))
         if sample_steps is None or target in sample_steps:
-            samples[target] = np.asarray(sample(trainables))
+            samples[target] = np.asarray(sample(trainables, inputs))
         if progress is not None:
             progress(f"{method.name} seed {seed}: step {target}, held-out loss {losses_at[target].mean():.4f}")
     train = np.concatenate(train_losses, axis=1) if train_losses else np.zeros((s_count, 0), np.float32)
-    return MethodRun(method.name, seed, steps, samples, losses_at, train, seconds, chunk, trainables)
+    return MethodRun(method.name, seed, steps, samples, losses_at, train, seconds, chunk, trainables,
+                     dict(sampling_info))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +292,7 @@ def dlib_judge(encoder) -> IdentityJudge:
 def judge_targets(judge: IdentityJudge, subjects: Subjects, s: int) -> tuple[FaceEmbeddings, FaceEmbeddings]:
     """The judge's descriptors of subject ``s``'s (reference shots, held-out photos). ``score_run`` computes them once
     per run, not at every evaluation step (a dlib pass over the photos costs as much as one over the samples)."""
-    return judge.embed(to_unit(subjects.shots["images"][s])), judge.embed(to_unit(subjects.heldout["images"][s]))
+    return judge.embed(to_unit(subjects.shot_photos[s])), judge.embed(to_unit(subjects.heldout_photos[s]))
 
 
 def score_subject(probes: P.Probes | None, samples: np.ndarray, subjects: Subjects, s: int,
@@ -425,7 +438,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, reference_method: str | N
 
 def frechet_to_heldout(probes: P.Probes, samples: np.ndarray, subjects: Subjects) -> float:
     """Fréchet distance between attribute-probe features of all final samples and of the held-out photos."""
-    real = to_unit(np.asarray(subjects.heldout["images"]).reshape(-1, *subjects.heldout["images"].shape[2:]))
+    real = to_unit(np.asarray(subjects.heldout_photos).reshape(-1, *subjects.heldout_photos.shape[2:]))
     fake = samples.reshape(-1, *samples.shape[2:])
     return P.frechet_distance(P.probe_features(probes, fake), P.probe_features(probes, real))
 

@@ -2,7 +2,8 @@
 
 A ``Method`` says what is trained per subject and how: ``init(key)`` makes one subject's trainable pytree,
 ``loss(trainable, batch, key)`` is the few-shot objective on a minibatch of shots, and ``sampling_params`` turns
-the trainable into plain base-model parameters, so every method samples with the same sampler at the same speed.
+the trainable into plain base-model parameters (the base's, VAE included, with the trained parts replaced), so every
+method samples with the same sampler at the same speed.
 
 * ``meta_lora``: Mid/Up heads on a meta-trained, frozen Meta-Down ``D`` (three factors).
 * ``lora``: a two-factor LoRA on the same target layers, from scratch (LoRA-DreamBooth).
@@ -12,9 +13,14 @@ the trainable into plain base-model parameters, so every method samples with the
   then the whole UNet, each stage with its own learning rate, plus the attention-map regulariser.
 * ``stacked_id``: PhotoMaker-style and tuning-free: a trained ID encoder turns the reference photos into ID tokens in
   the prompt (``metalora.meta.stacked_id``); nothing is optimised per subject.
+* ``megaportrait``: MegaPortrait-style: another method's adaptation (Meta-LoRA by default), sampled by the
+  identity → shading → harmonisation pipeline (``metalora.meta.megaportrait``) in a template photo that shows what
+  the prompt asks for.
 
-Shots/minibatches carry ``images`` (b, H, W, C) in [-1, 1], ``input_ids`` (b, L) and ``context`` (b, L, D), the
-frozen text encoder's embedding of the ids (methods that do not train the text side use it and skip the encoder).
+Shots/minibatches carry ``images`` (b, H, W, C) in the UNet's space (photos in [-1, 1], or scaled VAE latents for a
+latent base), ``input_ids`` (b, L) and ``context`` (b, L, D), the frozen text encoder's embedding of the ids (methods
+that do not train the text side use it and skip the encoder). ``stacked_id`` and ``megaportrait`` need a pixel-space
+base (their image encoder and ControlNet look at photos).
 """
 
 from __future__ import annotations
@@ -48,12 +54,13 @@ __all__ = [
     "attn_dreambooth_method",
     "dreambooth_method",
     "lora_method",
+    "megaportrait_method",
     "textual_inversion_method",
     "token_attention",
     "with_token_row",
 ]
 
-METHODS = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth", "stacked_id")
+METHODS = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth", "stacked_id", "megaportrait")
 
 Batch = Mapping[str, jax.Array]
 
@@ -76,9 +83,13 @@ class Method:
     # Tuning-free methods: the subject's state comes from its reference shots, ``(key, shots) -> trainable``, and is
     # never optimised (the harness evaluates it at step 0 only).
     init_from_shots: Callable[[jax.Array, Batch], Any] | None = None
-    # ``(trainable, prompt ids (N, L), keys (N,), num_inference_steps, guidance_scale) -> images in [0, 1]`` for
-    # methods that do not sample as the base model with ``sampling_params`` (None = that default)
+    # ``(trainable, prompt ids (N, L), keys (N,), num_inference_steps, guidance_scale, inputs) -> images in [0, 1]``
+    # for methods that do not sample as the base model with ``sampling_params`` (None = that default); ``inputs`` is
+    # one subject's slice of ``sampling_inputs``' result (None without it)
     sample: Callable[..., jax.Array] | None = None
+    # ``(prompts per subject (EvalPrompt), seeds per prompt) -> (pytree with leading (S, N) axes, info dict)``: what
+    # ``sample`` needs besides the prompt ids, prepared once per benchmark on the host (MegaPortrait's templates)
+    sampling_inputs: Callable[[Sequence[Sequence[Any]], int], tuple[Any, Mapping[str, Any]]] | None = None
 
     @property
     def tuning_free(self) -> bool:
@@ -115,7 +126,7 @@ def lora_method(name: str, model: bm.BaseModel, params: bm.BaseParams, example_l
         return example_loss(merge_roles(graphdef, base, meta, heads_one), batch, k)
 
     def sampling_params(heads_one):
-        return {"unet": merged_params(graphdef, base, meta, heads_one), "text_encoder": params["text_encoder"]}
+        return {**params, "unet": merged_params(graphdef, base, meta, heads_one)}
 
     def export(heads_one, folder):
         with_subject_axis = jax.tree.map(lambda a: a[None], heads_one)
@@ -148,7 +159,7 @@ def dreambooth_method(model: bm.BaseModel, params: bm.BaseParams, example_loss: 
         return subject_loss(unet, batch, k) + prior_weight * subject_loss(unet, prior, k_noise)
 
     def sampling_params(unet):
-        return {"unet": unet, "text_encoder": params["text_encoder"]}
+        return {**params, "unet": unet}
 
     info = {"prior_preservation": bool(with_prior), "prior_weight": prior_weight if with_prior else 0.0,
             "prior_images": int(prior_images.shape[0]) if with_prior else 0}
@@ -171,11 +182,23 @@ def with_token_row(text_params: nnx.State, token: int, row: jax.Array) -> nnx.St
 
 
 def _token_ids(model: bm.BaseModel, *words: str) -> list[int]:
-    tokens = set(model.tokenizer.tokens)
+    """The id of each word, which must be one token of the base's tokenizer (a word of the world's vocabulary, or
+    one BPE token of a CLIP tokenizer, e.g. SD's ``sks``)."""
+    tokenizer = model.tokenizer
+    if hasattr(tokenizer, "tokens"):  # the world's word-level tokenizer: maps unknown words to unk, so look first
+        for word in words:
+            if word not in set(tokenizer.tokens):
+                raise ValueError(f"{word!r} is not a token of the base model's tokenizer")
+        return [tokenizer.token_to_id(w) for w in words]
+    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    out = []
     for word in words:
-        if word not in tokens:
-            raise ValueError(f"{word!r} is not a token of the base model's tokenizer")
-    return [model.tokenizer.token_to_id(w) for w in words]
+        ids = [int(i) for i in tokenizer.tokenize([word])[0] if int(i) not in specials]
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} tokens for the base model's tokenizer; the identifier and "
+                             f"class word must be one token each")
+        out.append(ids[0])
+    return out
 
 
 def textual_inversion_method(model: bm.BaseModel, params: bm.BaseParams, example_loss: ExampleLoss, *,
@@ -196,7 +219,7 @@ def textual_inversion_method(model: bm.BaseModel, params: bm.BaseParams, example
         return example_loss(nnx.merge(model.unet_def, params["unet"]), {**batch, "context": context}, k)
 
     def sampling_params(row):
-        return {"unet": params["unet"], "text_encoder": with_token_row(params["text_encoder"], token, row)}
+        return {**params, "text_encoder": with_token_row(params["text_encoder"], token, row)}
 
     return Method("textual_inversion", init, loss, sampling_params, int(model.config.text_encoder.hidden_size),
                   {"identifier": identifier, "init_word": init_word})
@@ -300,7 +323,7 @@ def attn_dreambooth_method(model: bm.BaseModel, params: bm.BaseParams, schedule:
 
     def sampling_params(trainable):
         unet = nnx.merge(graphdef, trainable["cross_attention"], trainable["unet"])
-        return {"unet": nnx.state(unet), "text_encoder": with_token_row(text, token, trainable["token"])}
+        return {**params, "unet": nnx.state(unet), "text_encoder": with_token_row(text, token, trainable["token"])}
 
     def labels(trainable):
         return {name: jax.tree.map(lambda _, n=name: n, part) for name, part in trainable.items()}
@@ -331,6 +354,9 @@ def stacked_id_method(model: bm.BaseModel, params: bm.BaseParams, folder: str | 
     from metalora.meta import stacked_id as sid
     from metalora.models.id_encoder import IDEncoderConfig, load_id_encoder, read_id_encoder_info
 
+    if model.latent:
+        raise ValueError("stacked_id runs on pixel-space bases (experiments/train_id_encoder.py trains its ID encoder "
+                         "on one); leave it out of config.methods for a latent (Stable Diffusion) base")
     info = read_id_encoder_info(folder)
     config = IDEncoderConfig.from_dict(info["config"])
     system, enc_template, lora_template = sid.build(model, params, config, lora_targets=info["lora"]["targets"],
@@ -349,7 +375,8 @@ def stacked_id_method(model: bm.BaseModel, params: bm.BaseParams, folder: str | 
         del embeds  # the ID tokens are in the prompt, see ``sample``
         return {"unet": sid.unet_params(system, lora), "text_encoder": text}
 
-    def sample(embeds, ids, keys, num_inference_steps, guidance_scale):
+    def sample(embeds, ids, keys, num_inference_steps, guidance_scale, inputs):
+        del inputs  # none: the ID tokens come from ``embeds``
         return sid.sample(system, encoder, lora, text, embeds, ids, keys, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, start_merge_step=start_merge_step)
 
@@ -359,3 +386,47 @@ def stacked_id_method(model: bm.BaseModel, params: bm.BaseParams, folder: str | 
                    "trainable_parameters_are": "ID encoder + UNet LoRA, trained once on meta_train identities; "
                                                "nothing per subject"},
                   init_from_shots=init_from_shots, sample=sample)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MegaPortrait-style: a personalised face placed in a template photo
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def megaportrait_method(personal: Method, portrait, controlnet: nnx.State, pool, config, *, seed: int = 0,
+                        info: Mapping[str, Any] | None = None) -> Method:
+    """``personal`` (a tuned method, e.g. ``meta_lora``) adapts the subject exactly as it does alone (same
+    trainables, loss, optimiser and held-out loss); samples are MegaPortrait portraits instead of plain text-to-image
+    samples. For each sample the pipeline gets a template photo from ``pool`` (a ``megaportrait.TemplatePool``, photos
+    of identities other than the subjects') that shows the attributes its prompt asks for; the prompt itself (with
+    the identifier) conditions every step. The ControlNet (``portrait``, ``controlnet``) is trained once on the
+    base, so, as for ``stacked_id``, it is not counted as per-subject trainable parameters. ``config`` is a
+    ``megaportrait.PortraitConfig``; its sampler steps and guidance are replaced by the harness's.
+    """
+    from metalora.meta import megaportrait as mp
+
+    if portrait.model.latent:
+        raise ValueError("megaportrait runs on pixel-space bases (its ControlNet and the pasting into the template "
+                         "work on photos); leave it out of config.methods for a latent (Stable Diffusion) base")
+    if personal.tuning_free or personal.sample is not None:
+        raise ValueError(f"megaportrait personalises with a tuned method that samples as the base model; "
+                         f"{personal.name!r} is not one")
+
+    def sampling_inputs(prompts, seeds_per_prompt):
+        return mp.prompt_templates(pool, prompts, seeds_per_prompt, seed)
+
+    def sample(trainable, ids, keys, num_inference_steps, guidance_scale, inputs):
+        personal_params = personal.sampling_params(trainable)
+        run_config = dataclasses.replace(config, num_inference_steps=num_inference_steps,
+                                         guidance_scale=guidance_scale)
+        out = mp.run(portrait, {"unet": personal_params["unet"], "controlnet": controlnet},
+                     personal_params["text_encoder"], inputs["template"], inputs["control"], ids, keys, run_config)
+        return out["harmonize"]
+
+    controlnet_size = _size(controlnet)
+    details = {"personalize": personal.name, **personal.info, "controlnet_parameters": controlnet_size,
+               "portrait": dataclasses.asdict(config), "templates": len(pool),
+               "trainable_parameters_are": f"{personal.name}'s per subject; the ControlNet "
+                                           f"({controlnet_size:,}) is trained once on the base", **(info or {})}
+    return dataclasses.replace(personal, name="megaportrait", info=details, sample=sample,
+                               sampling_inputs=sampling_inputs)

@@ -30,6 +30,7 @@ from flax import nnx
 
 from metalora.compiler import jit
 from metalora.data import controls as C
+from metalora.data import world
 from metalora.diffusion import ddim_edit, ddim_sample, diffusion_loss, initial_noise, loss_weights, training_inputs
 from metalora.models import base_model as bm
 from metalora.models.controlnet import ControlNetModel, controlnet_from_unet
@@ -228,6 +229,78 @@ def template_controls(images: np.ndarray, attributes: Sequence[Mapping[str, str]
     """(B, H, W, CONTROL_CHANNELS) control images of B template photos (uint8) with their ground truth."""
     return np.stack([C.photo_control_image(np.asarray(image), attrs, jitter)
                      for image, attrs, jitter in zip(images, attributes, jitters, strict=True)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Templates for text prompts: the harness asks for "sks person on a blue background"; a portrait needs a photo
+# that shows a blue background to be placed in
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TemplatePool:
+    """Photos of a split with ground truth (the world's): every record's attribute ids are read up front, images and
+    jitter only when a record is chosen. ``source`` is a decoded tfds data source of the split."""
+
+    source: object
+    attribute_ids: np.ndarray  # (P, len(world.ATTRIBUTE_NAMES)) class ids
+
+    def __len__(self) -> int:
+        return int(self.attribute_ids.shape[0])
+
+
+def template_pool(source_meta, source) -> TemplatePool:
+    """The pool of a split from its ``decode_images=False`` source (fast attribute scan) and its decoded source."""
+    if len(source_meta) == 0:
+        raise ValueError("template_pool: the template split is empty")
+    rows = source_meta.__getitems__(list(range(len(source_meta))))
+    if "attributes" not in rows[0]:
+        raise ValueError("template_pool: the split has no attribute ground truth (templates need the procedural "
+                         "world's data, data.source='synth')")
+    return TemplatePool(source, np.stack([np.asarray(r["attributes"], np.int64) for r in rows]))
+
+
+def match_templates(attribute_ids: np.ndarray, wanted: Mapping[str, str], count: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """``count`` pool indices whose photos show the most of ``wanted`` (attribute → class), drawn uniformly among the
+    best-matching photos (without replacement while there are enough), and the fraction of ``wanted`` they show."""
+    names = list(world.ATTRIBUTE_NAMES)
+    score = np.zeros(attribute_ids.shape[0], np.int64)
+    for name, value in wanted.items():
+        if value not in world.ATTRIBUTE_CLASSES.get(name, ()):
+            raise ValueError(f"match_templates: unknown attribute {name}={value!r}")
+        score += attribute_ids[:, names.index(name)] == world.ATTRIBUTE_CLASSES[name].index(value)
+    best = np.flatnonzero(score == score.max())
+    picks = rng.choice(best, count, replace=len(best) < count)
+    return picks, float(score.max()) / len(wanted) if wanted else 1.0
+
+
+def prompt_templates(pool: TemplatePool, prompts: Sequence[Sequence], seeds_per_prompt: int,
+                     seed: int) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """Per subject and sample, a template that shows what the sample's prompt asks for, and its control image.
+
+    ``prompts``: per subject, ``EvalPrompt``s (``.attributes``), each sampled ``seeds_per_prompt`` times; every sample
+    gets its own template (seeded by ``seed``), so samples of one prompt differ in the template's unprompted looks
+    as text-to-image samples do. Returns ``{"template": (S, N, H, W, 3) in [0, 1], "control": (S, N, H, W,
+    CONTROL_CHANNELS)}`` in ``prompt_ids`` order, and ``{"template_attribute_match": the mean fraction of prompted
+    attributes the templates show, "template_records": (S, N) record indices in the pool's split}``.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([23, seed]))
+    templates, controls, shown, records = [], [], [], []
+    for subject_prompts in prompts:
+        indices = []
+        records.append(indices)
+        for prompt in subject_prompts:
+            picks, fraction = match_templates(pool.attribute_ids, prompt.attributes, seeds_per_prompt, rng)
+            indices.extend(int(i) for i in picks)
+            shown.append(fraction)
+        rows = pool.source.__getitems__(indices)
+        images = np.stack([np.asarray(r["image"], np.uint8) for r in rows])
+        templates.append(images.astype(np.float32) / 255.0)
+        controls.append(template_controls(images, [world.attributes_from_ids(r["attributes"]) for r in rows],
+                                          [np.asarray(r["jitter"], np.float32) for r in rows]))
+    info = {"template_attribute_match": float(np.mean(shown)), "template_records": records}
+    return {"template": np.stack(templates), "control": np.stack(controls)}, info
 
 
 # ----------------------------------------------------------------------------------------------------------------

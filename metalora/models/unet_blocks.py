@@ -47,10 +47,10 @@ class ChannelsLastGroupNorm(nnx.GroupNorm):
 
         centred = flat - group_mean(flat.sum(axis=1))[:, None]
         inv_std = jax.lax.rsqrt(group_mean(jnp.sum(centred * centred, axis=1)) + self.epsilon)
-        scale = inv_std * self.scale.value.astype(jnp.float32) if self.scale is not None else inv_std
+        scale = inv_std * self.scale[...].astype(jnp.float32) if self.scale is not None else inv_std
         y = centred * scale[:, None]
         if self.bias is not None:
-            y = y + self.bias.value.astype(jnp.float32)
+            y = y + self.bias[...].astype(jnp.float32)
         return y.reshape(x.shape).astype(self.dtype or x.dtype)
 
 
