@@ -8,11 +8,11 @@
 learning rates under ``method.<name>.learning_rate`` runs a sweep (variants ``<name>@lr=<value>``).
 
 Arguments: ``""`` (default), ``"study"`` (the does-it-work study: Meta-LoRA vs LoRA, held-out loss vs steps, an LR
-sweep of 3 each), ``"lfw"`` (held-out LFW identities, judged by dlib's face descriptor; needs the LFW base from
-``configs/base_lfw.py`` at ``runs/base_lfw/base_model``, a Meta-Down from ``configs/meta_lora_tiny.py:lfw`` at
-``runs/meta_lfw/meta_down``, an ID encoder from ``configs/id_encoder_tiny.py:lfw`` at ``runs/id_encoder_lfw`` and
-``pip install -e ".[faces]"``), ``"smoke"`` (random tiny
-base, a few steps, the ``smoke`` dataset, no probes).
+sweep of 3 each), ``"baselines"`` (a learning-rate sweep of 3 for textual inversion and DreamBooth), ``"lfw"``
+(held-out LFW identities, judged by dlib's face descriptor; needs the LFW base from ``configs/base_lfw.py`` at
+``runs/base_lfw/base_model``, a Meta-Down from ``configs/meta_lora_tiny.py:lfw`` at ``runs/meta_lfw/meta_down``, an ID
+encoder from ``configs/id_encoder_tiny.py:lfw`` at ``runs/id_encoder_lfw`` and ``pip install -e ".[faces]"``),
+``"smoke"`` (random tiny base, a few steps, the ``smoke`` dataset, no probes).
 """
 
 import ml_collections
@@ -25,8 +25,9 @@ DEFAULT_CONTROLNET = "assets/controlnet_tiny"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in ("", "smoke", "study", "lfw"):
-        raise ValueError(f"configs/meta_phd_tiny.py: unknown argument {arg!r}; use '', 'smoke', 'study' or 'lfw'")
+    if arg not in ("", "smoke", "study", "baselines", "lfw"):
+        raise ValueError(f"configs/meta_phd_tiny.py: unknown argument {arg!r}; use '', 'smoke', 'study', 'baselines' "
+                         "or 'lfw'")
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.seed = 0  # protocol seed: which photos are references / held out, which prompts
@@ -138,6 +139,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.sample.at = "final"
         c.eval.target_metric = "heldout_loss"
         c.report.title = "Does it work? Held-out denoising loss vs adaptation steps, Meta-LoRA vs LoRA"
+    if arg == "baselines":  # are the baselines' learning rates fair? A sweep of 3 around each default (×1/3, ×3)
+        c.methods = ("textual_inversion", "dreambooth")
+        c.method.textual_inversion = ml_collections.ConfigDict({"learning_rate": (1.5e-3, 5e-3, 1.5e-2)})
+        c.method.dreambooth = ml_collections.ConfigDict({"learning_rate": (6e-5, 2e-4, 6e-4),
+                                                         "prior_weight": c.method.dreambooth.prior_weight,
+                                                         "prior_images": c.method.dreambooth.prior_images})
+        c.sample.at = "final"
+        c.report.title = "Baseline learning-rate sweep (textual inversion, DreamBooth)"
     if arg == "lfw":  # real photos: no attribute labels, so no probes; identity judged by a real face model
         c.base.path = "runs/base_lfw/base_model"
         c.methods = tuple(m for m in c.methods if m != "megaportrait")  # templates need the world's ground truth

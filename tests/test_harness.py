@@ -275,6 +275,12 @@ def test_every_benchmark_config_variant_builds_its_method_list():
         "meta_lora@lr=0.0003", "meta_lora@lr=0.001", "meta_lora@lr=0.003",
         "lora@lr=0.0003", "lora@lr=0.001", "lora@lr=0.003"]
     assert [v for v, _, _ in benchmark.variants(meta_phd_tiny.get_config(""))] == list(methods_lib.METHODS)
+    baselines = meta_phd_tiny.get_config("baselines")
+    assert [v for v, _, _ in benchmark.variants(baselines)] == [
+        "textual_inversion@lr=0.0015", "textual_inversion@lr=0.005", "textual_inversion@lr=0.015",
+        "dreambooth@lr=6e-05", "dreambooth@lr=0.0002", "dreambooth@lr=0.0006"]
+    assert baselines.method.dreambooth.prior_images == meta_phd_tiny.get_config("").method.dreambooth.prior_images
+    assert "megaportrait" not in meta_phd_tiny.get_config("lfw").methods  # its templates need the world's truth
 
 
 def _fake_subjects(seeds_per_prompt: int) -> H.Subjects:

@@ -129,6 +129,19 @@ def test_hf_clip_tokenizer_wrapper(clip_tokenizer_folder):
     assert long[-1] == eos and len(long) == 8  # truncated like diffusers' pipelines
 
 
+def test_single_token_ids_for_textual_inversion(clip_tokenizer_folder):
+    model_folder, vocab = clip_tokenizer_folder
+    clip = HFCLIPTokenizer.from_folder(model_folder)
+    assert clip.single_token_id("sks") == vocab["sks</w>"] and clip.single_token_id("photo") == vocab["photo</w>"]
+    with pytest.raises(ValueError, match="'of' is 2 tokens"):
+        clip.single_token_id("of")
+    lenient = WordTokenizer(WORDS, max_length=10, unk_token="<|unk|>", rare_tokens=("sks",))
+    assert lenient.single_token_id("hat") == lenient.token_to_id("hat")
+    assert lenient.single_token_id("sks") == lenient.token_to_id("sks")
+    with pytest.raises(ValueError, match="'green' is not a token"):  # not unk, which token_to_id would give
+        lenient.single_token_id("green")
+
+
 def test_hf_clip_tokenizer_errors(tmp_path, clip_tokenizer_folder):
     with pytest.raises(FileNotFoundError, match=r"vocab\.json"):
         HFCLIPTokenizer.from_folder(tmp_path / "nowhere")

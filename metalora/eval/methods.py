@@ -184,20 +184,13 @@ def with_token_row(text_params: nnx.State, token: int, row: jax.Array) -> nnx.St
 def _token_ids(model: bm.BaseModel, *words: str) -> list[int]:
     """The id of each word, which must be one token of the base's tokenizer (a word of the world's vocabulary, or
     one BPE token of a CLIP tokenizer, e.g. SD's ``sks``)."""
-    tokenizer = model.tokenizer
-    if hasattr(tokenizer, "tokens"):  # the world's word-level tokenizer: maps unknown words to unk, so look first
-        for word in words:
-            if word not in set(tokenizer.tokens):
-                raise ValueError(f"{word!r} is not a token of the base model's tokenizer")
-        return [tokenizer.token_to_id(w) for w in words]
-    specials = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     out = []
     for word in words:
-        ids = [int(i) for i in tokenizer.tokenize([word])[0] if int(i) not in specials]
-        if len(ids) != 1:
-            raise ValueError(f"{word!r} is {len(ids)} tokens for the base model's tokenizer; the identifier and "
-                             f"class word must be one token each")
-        out.append(ids[0])
+        try:
+            out.append(model.tokenizer.single_token_id(word))
+        except ValueError as e:
+            raise ValueError(f"the identifier and class word must be one token each of the base model's tokenizer: "
+                             f"{e}") from None
     return out
 
 

@@ -46,6 +46,11 @@ class Tokenizer(Protocol):
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray: ...
 
+    def single_token_id(self, word: str) -> int:
+        """The id of ``word`` if it is exactly one known token (textual inversion's identifier and class word);
+        raises ``ValueError`` otherwise."""
+        ...
+
 
 class UnknownWordError(KeyError):
     """A word outside the tokenizer's closed vocabulary."""
@@ -133,6 +138,11 @@ class WordTokenizer:
             return self.unk_token_id
         raise UnknownWordError(f"unknown word {token!r}: not in the tokenizer's vocabulary of "
                                f"{len(self._vocabulary)} words or its rare tokens {list(self.rare_tokens)}")
+
+    def single_token_id(self, word: str) -> int:
+        if word not in self._ids:  # (token_to_id would map it to unk)
+            raise ValueError(f"{word!r} is not a token of the tokenizer's vocabulary")
+        return self._ids[word]
 
     def encode(self, text: str) -> list[int]:
         """Ids of one caption, with BOS/EOS, unpadded."""
@@ -261,3 +271,9 @@ class HFCLIPTokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True).strip()
+
+    def single_token_id(self, word: str) -> int:
+        ids = self._tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} tokens for this CLIP tokenizer, not one")
+        return int(ids[0])
