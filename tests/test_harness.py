@@ -174,6 +174,10 @@ def test_change_from_start_is_paired_per_identity():
     np.testing.assert_allclose(change["mean"], [0.0, -0.1, -0.2], atol=1e-12)
     np.testing.assert_allclose(change["ci"], [0.0, 0.0, 0.0], atol=1e-12)
     assert change["n"] == [3, 3, 3]
+    # a metric scored at one step only (samples at the final step) has no change to show
+    once = [{"method": "lora", "identity": i, "seed": 0, "step": 20, "r_face_sim": 0.1 * i} for i in range(3)]
+    assert H.change_from_start(once, "r_face_sim") == []
+    assert H.aggregate(records + once)["change_from_start"]["r_face_sim"] == {}  # so the report leaves it out
 
 
 @pytest.fixture(scope="module")

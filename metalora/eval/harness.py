@@ -397,12 +397,16 @@ def curves(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, dict[
 def change_from_start(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
     """The records holding ``metric``, with it replaced by its change since the first evaluated step of the same
     (method, identity, seed) cell. Paired differences: the spread between identities (far larger than what
-    adaptation changes, e.g. held-out losses) cancels, so the confidence interval is about the change itself."""
+    adaptation changes, e.g. held-out losses) cancels, so the confidence interval is about the change itself. Cells
+    that hold ``metric`` at one step only (e.g. samples scored at the final step) have no change and are left out."""
     start: dict[tuple, float] = {}
+    count: dict[tuple, int] = {}
     for r in sorted((r for r in records if metric in r), key=lambda r: r["step"]):
-        start.setdefault((r["method"], r["identity"], r["seed"]), r[metric])
-    return [dict(r) | {metric: r[metric] - start[(r["method"], r["identity"], r["seed"])]}
-            for r in records if metric in r]
+        cell = (r["method"], r["identity"], r["seed"])
+        start.setdefault(cell, r[metric])
+        count[cell] = count.get(cell, 0) + 1
+    return [dict(r) | {metric: r[metric] - start[cell]}
+            for r in records if metric in r and count[cell := (r["method"], r["identity"], r["seed"])] > 1]
 
 
 def steps_to_reach(curve: Mapping[str, Sequence[float]], target: float, higher_is_better: bool = True) -> int | None:
