@@ -2,10 +2,10 @@
 
     python -m benchmarks.subjects --out runs/subjects.json [--subjects 1,4,16] [--steps 20] [--repeats 3]
 
-The model is a UNet like the procedural world's base model (``configs/base_tiny.py``: pixel space 32×32×3,
-``block_out_channels`` (32, 64, 64), cross-attention at 16×16 and 8×8 and in the mid block, text width 64) with
-Meta-LoRA on the attention projections (r_d = ``--rank``, r_m = ``--mid-rank``). Weights are random: the cost of
-a step does not depend on their values. Each subject has k = ``--shots`` shots and runs ``--steps`` inner steps
+The model is the procedural world's base UNet (``configs/base_tiny.py``'s model section, or ``--base-config`` e.g.
+``configs/base_tiny.py:smoke``; ``--channels`` overrides its ``block_out_channels``) with Meta-LoRA on the
+attention projections (r_d = ``--rank``, r_m = ``--mid-rank``). Weights are random: the cost of a step does not
+depend on their values. Each subject has k = ``--shots`` shots and runs ``--steps`` inner steps
 (Adam, batch 1, flips), all in one ``lax.scan`` under one ``vmap`` over subjects; the function is jitted once
 per S.
 
@@ -31,42 +31,47 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from metalora.compiler import jit
-from metalora.diffusion import NoiseSchedule
+from metalora.config_utils import parse_cli
 from metalora.lora import LoRAConfig, init_subject_state, inject, split_roles
 from metalora.meta import InnerLoopConfig, adapt_subjects, diffusion_example_loss
-from metalora.models.base_model import tiny_unet_config
-from metalora.models.unet import UNet2DConditionModel
+from metalora.models import base_model as bm
 from metalora.train.io import atomic_write_text
 
 
+def base_model(args: argparse.Namespace) -> bm.BaseModel:
+    """The base model of ``--base-config`` (no weights), with ``--channels`` / ``--attention-backend`` applied."""
+    model_config = parse_cli(["subjects", f"--config={args.base_config}"], require_workdir=False).config.model
+    if args.channels:
+        model_config.block_out_channels = tuple(args.channels)
+    model_config.attention_backend = args.attention_backend
+    return bm.build_base_model(model_config)
+
+
 def build(args: argparse.Namespace):
-    """(graphdef, base, meta, model) of the LoRA-injected tiny UNet."""
-    config = tiny_unet_config(block_out_channels=tuple(args.channels), layers_per_block=1,
-                              cross_attention_dim=args.text_width, attention_head_dim=4, norm_num_groups=32)
-    model = UNet2DConditionModel(config, rngs=nnx.Rngs(0), attention_backend=args.attention_backend)
-    inject(model, LoRAConfig(targets="attn", rank=args.rank, mid_rank=args.mid_rank, down_role="meta"),
+    """(graphdef, base, meta, unet, base model) of the LoRA-injected base UNet."""
+    model = base_model(args)
+    unet = model.unet(bm.init_base_params(model, jax.random.key(0)))
+    inject(unet, LoRAConfig(targets="attn", rank=args.rank, mid_rank=args.mid_rank, down_role="meta"),
            key=jax.random.key(1))
-    graphdef, base, meta, _ = split_roles(model)
-    return graphdef, base, meta, model
+    graphdef, base, meta, _ = split_roles(unet)
+    return graphdef, base, meta, unet, model
 
 
-def inputs(model, num_subjects: int, args: argparse.Namespace, seed: int = 0):
-    """Fresh heads, shots and keys for S subjects (arrays on the default device)."""
+def inputs(unet, model: bm.BaseModel, num_subjects: int, args: argparse.Namespace, seed: int = 0):
+    """Fresh heads, shots (photos and caption embeddings of the base's shapes) and keys for S subjects."""
     rng = np.random.default_rng(seed)
-    shots = {"images": rng.uniform(-1, 1, (num_subjects, args.shots, args.size, args.size, 3)).astype(np.float32),
-             "context": rng.standard_normal((num_subjects, args.shots, args.context_len, args.text_width),
-                                            dtype=np.float32)}
-    heads = init_subject_state(model, jax.random.key(seed), num_subjects)
+    context = (model.tokenizer.max_length, model.config.text_encoder.hidden_size)
+    shots = {"images": rng.uniform(-1, 1, (num_subjects, args.shots, *model.sample_shape)).astype(np.float32),
+             "context": rng.standard_normal((num_subjects, args.shots, *context), dtype=np.float32)}
+    heads = init_subject_state(unet, jax.random.key(seed), num_subjects)
     keys = jax.random.split(jax.random.key(seed + 1), num_subjects)
     return heads, jax.tree.map(jnp.asarray, shots), keys
 
 
-def make_adapt(graphdef, config: InnerLoopConfig):
-    example_loss = diffusion_example_loss(NoiseSchedule.create(beta_schedule="squaredcos_cap_v2",
-                                                               prediction_type="v_prediction"))
+def make_adapt(graphdef, schedule, config: InnerLoopConfig):
+    example_loss = diffusion_example_loss(schedule)
 
     @jit
     def run(base, meta, heads, shots, keys):
@@ -88,19 +93,19 @@ def _flops(compiled) -> float:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    graphdef, base, meta, model = build(args)
+    graphdef, base, meta, unet, model = build(args)
     config = InnerLoopConfig(steps=args.steps, learning_rate=1e-3, batch_size=1, flip=True)
     rows = []
     for s in args.subjects:
-        heads, shots, keys = inputs(model, s, args)
+        heads, shots, keys = inputs(unet, model, s, args)
         start = time.perf_counter()
-        run = make_adapt(graphdef, config).lower(base, meta, heads, shots, keys).compile()  # once per S
+        run = make_adapt(graphdef, model.schedule, config).lower(base, meta, heads, shots, keys).compile()  # per S
         compile_s = time.perf_counter() - start
         flops = _flops(run)
         jax.block_until_ready(run(base, meta, heads, shots, keys))  # warm-up
         times = []
         for r in range(args.repeats):
-            heads, shots, keys = inputs(model, s, args, seed=r + 1)
+            heads, shots, keys = inputs(unet, model, s, args, seed=r + 1)
             start = time.perf_counter()
             _, losses = jax.block_until_ready(run(base, meta, heads, shots, keys))
             times.append(time.perf_counter() - start)
@@ -133,10 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="inner steps N per subject")
     p.add_argument("--shots", type=int, default=1, help="k")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--channels", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64, 64])
-    p.add_argument("--text-width", type=int, default=64)
-    p.add_argument("--context-len", type=int, default=33, help="the world's longest caption + BOS/EOS")
+    p.add_argument("--base-config", default="configs/base_tiny.py", help="config file[:arg] with a model section")
+    p.add_argument("--channels", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="block_out_channels (default: the base config's)")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--mid-rank", type=int, default=16)
     p.add_argument("--attention-backend", default="auto")

@@ -35,3 +35,18 @@ def test_sampling_efficiency_and_conv_sections(tmp_path):
     assert results["sampling"][0]["max_abs_diff_vs_torch"] < 1e-2
     assert [row["impl"] for row in results["conv"]] == ["jax.jit (XLA defaults)", "metalora.compiler.jit",
                                                         "torch conv2d"]
+
+
+def test_batched_adaptation_benchmark_on_the_base_model(tmp_path):
+    """benchmarks/subjects.py at smoke size: the base config's UNet, one row per S; XLA's FLOPs of one inner step
+    grow exactly with the number of subjects (one vmapped program), the first row is the reference."""
+    from benchmarks import subjects
+
+    out = tmp_path / "subjects.json"
+    payload = subjects.main(["--base-config", "configs/base_tiny.py:smoke", "--subjects", "1,2", "--steps", "2",
+                             "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == payload["table"]
+    one, two = payload["rows"]
+    assert (one["subjects"], two["subjects"]) == (1, 2) and one["speedup_vs_first"] == 1.0
+    assert math.isclose(two["flops_per_step"], 2 * one["flops_per_step"], rel_tol=0.02)
+    assert all(math.isfinite(r["subjects_per_s"]) and r["subjects_per_s"] > 0 for r in payload["rows"])
