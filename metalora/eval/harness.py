@@ -24,6 +24,7 @@ method's final value).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -399,14 +400,15 @@ def change_from_start(records: Sequence[Mapping[str, Any]], metric: str) -> list
     (method, identity, seed) cell. Paired differences: the spread between identities (far larger than what
     adaptation changes, e.g. held-out losses) cancels, so the confidence interval is about the change itself. Cells
     that hold ``metric`` at one step only (e.g. samples scored at the final step) have no change and are left out."""
+    def cell(r):
+        return r["method"], r["identity"], r["seed"]
+
+    scored = [r for r in records if metric in r]
     start: dict[tuple, float] = {}
-    count: dict[tuple, int] = {}
-    for r in sorted((r for r in records if metric in r), key=lambda r: r["step"]):
-        cell = (r["method"], r["identity"], r["seed"])
-        start.setdefault(cell, r[metric])
-        count[cell] = count.get(cell, 0) + 1
-    return [dict(r) | {metric: r[metric] - start[cell]}
-            for r in records if metric in r and count[cell := (r["method"], r["identity"], r["seed"])] > 1]
+    for r in sorted(scored, key=lambda r: r["step"]):
+        start.setdefault(cell(r), r[metric])
+    evaluations = collections.Counter(cell(r) for r in scored)
+    return [dict(r) | {metric: r[metric] - start[cell(r)]} for r in scored if evaluations[cell(r)] > 1]
 
 
 def steps_to_reach(curve: Mapping[str, Sequence[float]], target: float, higher_is_better: bool = True) -> int | None:
