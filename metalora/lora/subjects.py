@@ -56,7 +56,9 @@ def apply_subjects(fn: Callable[..., Any], graphdef: nnx.GraphDef, base: nnx.Sta
     """
     def one(heads, *xs):
         return fn(merge_roles(graphdef, base, meta, heads), *xs)
-    return jax.vmap(one)(subject, *args)
+    # NumPy inputs become JAX arrays first: vmap would carry them as raw ndarrays into custom-VJP rules (the UNet's
+    # convolutions), which JAX refuses as non-canonical constants.
+    return jax.vmap(one)(subject, *jax.tree.map(jnp.asarray, args))
 
 
 def apply_indexed(fn: Callable[..., Any], graphdef: nnx.GraphDef, base: nnx.State, meta: nnx.State,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from metalora.models.attention import dot_product_attention
+from metalora.models.conv import conv_general_dilated
 from metalora.models.convert import register_layout
 
 
@@ -75,7 +76,8 @@ class Precision:
         pad = (kernel - 1) // 2 if padding is None else padding
         init = {"kernel_init": nnx.initializers.zeros_init()} if zero_init else {}
         return nnx.Conv(c_in, c_out, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs, **init)
+                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
+                        conv_general_dilated=conv_general_dilated, **init)
 
     def group_norm(self, channels: int, groups: int, eps: float, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
         # Exact two-pass variance: the one-pass E[x²]-E[x]² form loses precision in low-variance channels.
