@@ -36,6 +36,19 @@ def test_values_and_gradients_equal_lax(kernel, strides, padding):
     assert uses_custom_rule == (strides == (1, 1))
 
 
+def test_second_order_gradients_equal_lax():
+    """Second-order MAML differentiates through an inner gradient step: reverse-over-reverse through the rule."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+
+    def outer(conv):
+        inner = _loss(conv, (1, 1), ((1, 1), (1, 1)))
+        return lambda w: inner(x - 0.1 * jax.grad(inner)(x, w), w)
+
+    np.testing.assert_allclose(jax.grad(outer(conv_general_dilated))(w), jax.grad(outer(lax.conv_general_dilated))(w),
+                               rtol=1e-5, atol=1e-5)
+
+
 def _scanned_gradient_kernels(conv) -> list[str]:
     """dim_labels of the convolutions XLA compiles for a 3-step scan of input-gradient steps."""
     loss = _loss(conv, (1, 1), ((1, 1), (1, 1)))

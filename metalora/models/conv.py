@@ -9,8 +9,10 @@ the compiled scan now holds canonical ``01io`` kernels). Here the input gradient
 ungrouped NHWC/HWIO convolution is written out with an explicitly flipped and transposed kernel, which XLA
 materialises (a few KB) and then convolves in the canonical layout. Every other convolution is ``lax``'s own.
 
-Pass it to ``nnx.Conv(..., conv_general_dilated=conv_general_dilated)``; values and gradients equal ``lax``'s to
-float rounding.
+Pass it to ``nnx.Conv(..., conv_general_dilated=conv_general_dilated)``; values and gradients (second order
+included, as second-order MAML needs) equal ``lax``'s to float rounding. A custom VJP has no forward mode:
+``jax.jvp`` / ``jax.jacfwd`` through these convolutions raise; use reverse mode (or build the layers with plain
+``lax.conv_general_dilated``) for forward-mode derivatives.
 """
 
 from __future__ import annotations
