@@ -8,11 +8,11 @@ Backends:
 * ``"xla"``: ``jax.nn.dot_product_attention`` with XLA's implementation (the portable default on GPU/TPU).
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused kernel on NVIDIA GPUs (bf16/f16).
 * ``"einsum"``: the textbook einsum → softmax → einsum (reference; materialises every score).
-* ``"blocked"``: memory-efficient attention for CPU. Queries are processed one (head, query-block) at a time so
-  the score tile stays in cache, and the backward pass is a custom VJP that *recomputes* each tile from the saved
-  log-sum-exp instead of storing the (Lq, Lk) probabilities (the flash-attention recipe). On a 2-core CPU the
-  UNet's self-attention at 32×32 latents (1024 tokens) is the step's hot spot, and autodiff through a plain
-  softmax keeps and re-reads every probability; recomputation is cheaper than that memory traffic.
+* ``"blocked"``: memory-efficient attention for CPU. Queries are processed in tiles of a few heads × a query block
+  (:func:`pick_tiles`) so the score tile stays in cache, and the backward pass is a custom VJP that *recomputes*
+  each tile from the saved log-sum-exp instead of storing the (Lq, Lk) probabilities (the flash-attention recipe).
+  On a 2-core CPU the UNet's self-attention is the step's hot spot, and autodiff through a plain softmax keeps and
+  re-reads every probability; recomputation is cheaper than that memory traffic.
 * ``"auto"``: ``"blocked"`` on CPU, ``"xla"`` elsewhere.
 
 Softmax statistics are always accumulated in float32, whatever the compute dtype (``upcast_attention`` in
@@ -39,8 +39,10 @@ def resolve_backend(backend: str) -> str:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto",
-                          upcast: bool = False, block_q: int = 256) -> jax.Array:
-    """softmax(q·kᵀ/√D)·v per head. ``upcast`` computes q·kᵀ in float32 (diffusers' ``upcast_attention``)."""
+                          upcast: bool = False, block_q: int = 256, tile_bytes: int = 1 << 20) -> jax.Array:
+    """softmax(q·kᵀ/√D)·v per head. ``upcast`` computes q·kᵀ in float32 (diffusers' ``upcast_attention``).
+
+    ``block_q`` and ``tile_bytes`` size the blocked backend's tiles (see :func:`pick_tiles`)."""
     backend = resolve_backend(backend)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "einsum":
@@ -55,91 +57,146 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     b, lq, h, d = q.shape
     lk = k.shape[1]
     fold = lambda x, length: x.transpose(0, 2, 1, 3).reshape(b * h, length, d)
-    out = blocked_attention(fold(q, lq), fold(k, lk), fold(v, lk), scale, _pick_block(lq, block_q))
+    heads_per_tile, block = pick_tiles(b * h, lq, lk, block_q=block_q, tile_bytes=tile_bytes)
+    out = blocked_attention(fold(q, lq), fold(k, lk), fold(v, lk), scale, heads_per_tile, block)
     return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)
 
 
 def _einsum_attention(q, k, v, scale, upcast):
-    compute = jnp.float32 if upcast else q.dtype
+    compute = _acc(q.dtype) if upcast else q.dtype
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(compute), k.astype(compute)) * scale
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores.astype(_acc(scores.dtype)), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def _pick_block(length: int, preferred: int) -> int:
-    """Largest divisor of ``length`` not above ``preferred`` (token counts are products of small powers of 2)."""
-    for size in range(min(preferred, length), 0, -1):
-        if length % size == 0:
+def _largest_divisor(n: int, at_most: int) -> int:
+    """Largest divisor of ``n`` not above ``at_most`` (at least 1)."""
+    for size in range(max(1, min(at_most, n)), 0, -1):
+        if n % size == 0:
             return size
-    return length
+    return 1
+
+
+def pick_tiles(heads: int, lq: int, lk: int, *, block_q: int = 256, tile_bytes: int = 1 << 20) -> tuple[int, int]:
+    """(heads per tile, queries per tile) of the blocked backend for ``heads`` problems of (lq × lk) scores.
+
+    Queries come in blocks of up to ``block_q`` (a divisor of lq); as many heads share a tile as fit its f32 score
+    block in ``tile_bytes``. Measured on the 2-core CPU (``benchmarks/speed.py --sections attention`` and the
+    UNet shapes): 1 MiB tiles were the fastest or within noise of it from 256 to 4096 tokens: small problems
+    (the tiny UNet's 256 tokens × 32 heads) run as a few batched tiles instead of 32 tiny per-head loops
+    (gradient 21 → 17 ms), large ones stay one head × 256 queries per tile, where the score block stays in cache.
+    """
+    block = _largest_divisor(lq, block_q)
+    return _largest_divisor(heads, tile_bytes // (4 * block * lk)), block
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Blocked attention with a recomputing custom VJP. Shapes: q (N, Lq, D), k/v (N, Lk, D); N = batch × heads.
+# Tiles are (hc heads, bq queries) against all keys; a tile's scores are (hc, bq, Lk). The 1/√D scale is folded
+# into the exponent (exp(scale·(s − max s))), where XLA fuses it, instead of a separate pass over the scores.
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _to_tiles(x, hc: int, bq: int):
+    """(N, L, ...) → (N/hc, L/bq, hc, bq, ...): head chunks outermost, then query blocks."""
+    n, length, rest = x.shape[0], x.shape[1], x.shape[2:]
+    return x.reshape(n // hc, hc, length // bq, bq, *rest).swapaxes(1, 2)
+
+
+def _from_tiles(x):
+    chunks, blocks, hc, bq = x.shape[:4]
+    return x.swapaxes(1, 2).reshape(chunks * hc, blocks * bq, *x.shape[4:])
+
+
+def _loop(fn, xs):
+    """``lax.map(fn, xs)``, without a loop when there is one iteration (XLA keeps a 1-trip while as a loop)."""
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        return jax.tree.map(lambda y: y[None], fn(jax.tree.map(lambda x: x[0], xs)))
+    return jax.lax.map(fn, xs)
+
+
+def _acc(dtype) -> jnp.dtype:
+    """Accumulation dtype: float32 for half-precision inputs (softmax statistics), the input's own if wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _tile_forward(q_tile, k, v, scale):
-    """One (head, query-block) tile: output and the per-row log-sum-exp needed to recompute probabilities."""
-    s = jnp.dot(q_tile, k.T, preferred_element_type=jnp.float32) * scale
+    """One tile: output and the per-row log-sum-exp (of the scaled scores) needed to recompute probabilities."""
+    s = jnp.einsum("hqd,hkd->hqk", q_tile, k, preferred_element_type=_acc(q_tile.dtype))
     m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - m)
+    p = jnp.exp(scale * (s - m))
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
-    return out.astype(q_tile.dtype), (m + jnp.log(denom))[:, 0]
+    out = jnp.einsum("hqk,hkd->hqd", p.astype(v.dtype), v, preferred_element_type=_acc(q_tile.dtype)) / denom
+    return out.astype(q_tile.dtype), (scale * m + jnp.log(denom))[..., 0]
 
 
-def _forward(q, k, v, scale, block_q):
-    n, lq, d = q.shape
-    tiles = q.reshape(n, lq // block_q, block_q, d)
+def _forward(q, k, v, scale, hc, bq):
+    n = q.shape[0]
+    chunk = lambda x: x.reshape(n // hc, hc, *x.shape[1:])
 
-    def per_head(args):
-        q_tiles, k_h, v_h = args
-        return jax.lax.map(lambda t: _tile_forward(t, k_h, v_h, scale), q_tiles)
+    def per_chunk(args):
+        q_tiles, k_c, v_c = args
+        return _loop(lambda t: _tile_forward(t, k_c, v_c, scale), q_tiles)
 
-    out, lse = jax.lax.map(per_head, (tiles, k, v))
-    return out.reshape(n, lq, d), lse.reshape(n, lq)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def blocked_attention(q, k, v, scale: float, block_q: int):
-    return _forward(q, k, v, scale, block_q)[0]
+    out, lse = _loop(per_chunk, (_to_tiles(q, hc, bq), chunk(k), chunk(v)))
+    return _from_tiles(out), _from_tiles(lse)
 
 
-def _blocked_fwd(q, k, v, scale, block_q):
-    out, lse = _forward(q, k, v, scale, block_q)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def blocked_attention(q, k, v, scale: float, heads_per_tile: int, block_q: int):
+    return _forward(q, k, v, scale, heads_per_tile, block_q)[0]
+
+
+def _blocked_fwd(q, k, v, scale, hc, bq):
+    out, lse = _forward(q, k, v, scale, hc, bq)
     return out, (q, k, v, out, lse)
 
 
-def _blocked_bwd(scale, block_q, residuals, d_out):
-    q, k, v, out, lse = residuals
-    n, lq, d = q.shape
-    nb = lq // block_q
+def _tile_backward(carry, xs, k, k_t, v, scale):
+    """One tile of the backward pass, computed in (keys × queries) orientation.
+
+    XLA:CPU runs a dot that contracts its left operand's *leading* axis (Pᵀ·dO, dSᵀ·Q in the textbook order) on a
+    slow path (3-4× a plain matmul here). Recomputing the transposed scores Sᵀ = K·Qᵀ makes dV = Pᵀ·dO and
+    dK = dSᵀ·Q plain matmuls, and dQᵀ = Kᵀ·dSᵀ is one too given Kᵀ, a small (D × Lk) copy made once per chunk.
+    """
+    dk, dv = carry
+    q_t, do_t, lse_t, delta_t = xs
+    s_t = jnp.einsum("hkd,hqd->hkq", k, q_t, preferred_element_type=_acc(q_t.dtype))
+    p_t = jnp.exp(scale * s_t - lse_t[:, None, :])
+    dv = dv + jnp.einsum("hkq,hqd->hkd", p_t.astype(do_t.dtype), do_t, preferred_element_type=_acc(q_t.dtype))
+    dp_t = jnp.einsum("hkd,hqd->hkq", v, do_t, preferred_element_type=_acc(q_t.dtype))
     # delta_i = Σ_j P_ij dP_ij = rowsum(dO ∘ O): the softmax-backward correction, computed once per row.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    split = lambda x: x.reshape(n, nb, block_q, *x.shape[2:])
+    ds_t = (p_t * (dp_t - delta_t[:, None, :])).astype(q_t.dtype)
+    dk = dk + jnp.einsum("hkq,hqd->hkd", ds_t, q_t, preferred_element_type=_acc(q_t.dtype))
+    dq_t = jnp.einsum("hdk,hkq->hdq", k_t, ds_t, preferred_element_type=_acc(q_t.dtype)).swapaxes(1, 2)
+    return (dk, dv), dq_t
 
-    def per_head(args):
-        q_h, k_h, v_h, do_h, lse_h, delta_h = args
 
-        def tile(carry, xs):
-            dk, dv = carry
-            q_t, do_t, lse_t, delta_t = xs
-            s = jnp.dot(q_t, k_h.T, preferred_element_type=jnp.float32) * scale
-            p = jnp.exp(s - lse_t[:, None])
-            dv = dv + jnp.dot(p.T.astype(do_t.dtype), do_t, preferred_element_type=jnp.float32)
-            dp = jnp.dot(do_t, v_h.T, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_t[:, None]) * scale
-            dq_t = jnp.dot(ds.astype(k_h.dtype), k_h, preferred_element_type=jnp.float32)
-            dk = dk + jnp.dot(ds.T.astype(q_t.dtype), q_t, preferred_element_type=jnp.float32)
-            return (dk, dv), dq_t
+def _blocked_bwd(scale, hc, bq, residuals, d_out):
+    q, k, v, out, lse = residuals
+    n = q.shape[0]
+    acc = _acc(q.dtype)
+    delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)
+    chunk = lambda x: x.reshape(n // hc, hc, *x.shape[1:])
 
-        zeros = jnp.zeros(k_h.shape, jnp.float32)
-        (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros), (q_h, do_h, lse_h, delta_h))
-        return dq.reshape(lq, d), dk, dv
+    def per_chunk(args):
+        q_c, do_c, lse_c, delta_c, k_c, v_c = args
+        # A materialised Kᵀ: without the barrier XLA folds the transpose back into the dot's dimension numbers.
+        k_t = jax.lax.optimization_barrier(jnp.swapaxes(k_c, 1, 2))
+        tile = functools.partial(_tile_backward, k=k_c, k_t=k_t, v=v_c, scale=scale)
+        zeros = jnp.zeros(k_c.shape, acc)
+        if q_c.shape[0] == 1:
+            (dk, dv), dq = tile((zeros, zeros), jax.tree.map(lambda x: x[0], (q_c, do_c, lse_c, delta_c)))
+            return dq[None], dk, dv
+        (dk, dv), dq = jax.lax.scan(tile, (zeros, zeros), (q_c, do_c, lse_c, delta_c))
+        return dq, dk, dv
 
-    dq, dk, dv = jax.lax.map(per_head, (split(q), k, v, split(d_out), split(lse), split(delta)))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    tiles = lambda x: _to_tiles(x, hc, bq)
+    dq, dk, dv = _loop(per_chunk, (tiles(q), tiles(d_out), tiles(lse), tiles(delta), chunk(k), chunk(v)))
+    # The scale of S = scale·Q·Kᵀ, applied to the small gradients instead of every dS.
+    dq = _from_tiles(dq) * scale
+    dk = dk.reshape(k.shape) * scale
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.reshape(v.shape).astype(v.dtype)
 
 
 blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
