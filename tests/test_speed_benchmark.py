@@ -9,7 +9,7 @@ from benchmarks.speed import main
 ROW_KEYS = {
     "sampling": {"impl", "images_per_s", "ms_per_image", "speedup_vs_torch", "max_abs_diff_vs_torch"},
     "efficiency": {"what", "gflop_per_step", "ms_per_step", "achieved_gflops", "peak_matmul_gflops",
-                   "fraction_of_peak"},
+                   "fraction_of_peak", "ms_at_peak"},
     "conv": {"impl", "fwd_ms", "fwd_bwd_ms"},
 }
 
@@ -33,6 +33,12 @@ def test_sampling_efficiency_and_conv_sections(tmp_path):
                 assert value >= 0 if key == "max_abs_diff_vs_torch" else value > 0, (section, key, value)
     # Same weights and noise on both sides: the images agree loosely even at f32 (the benchmark does not assert).
     assert results["sampling"][0]["max_abs_diff_vs_torch"] < 1e-2
+    ours, theirs, goal = results["efficiency"]
+    # The goal row is our FLOPs in half torch's measured time; both counters see the same model (XLA counts a few
+    # elementwise FLOPs that torch's matmul/conv counter leaves out, and its own backward may differ slightly).
+    assert math.isclose(goal["ms_per_step"], theirs["ms_per_step"] / 2)
+    assert goal["gflop_per_step"] == ours["gflop_per_step"]
+    assert 0.5 < ours["gflop_per_step"] / theirs["gflop_per_step"] < 2.0
     assert [row["impl"] for row in results["conv"]] == ["jax.jit (XLA defaults)", "metalora.compiler.jit",
                                                         "torch conv2d"]
 
