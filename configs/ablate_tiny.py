@@ -16,7 +16,7 @@ from configs import meta_lora_tiny, meta_phd_tiny
 
 GRIDS = {
     "ranks": (("lora.rank", (2, 4, 8)), ("lora.mid_rank", (4, 16))),  # r_d × r_m
-    "algorithms": (("meta.algorithm", ("joint", "reptile", "fomaml")),),
+    "algorithms": (("meta.algorithm", ("joint", "reptile", "fomaml", "maml")),),
     "identities": (("meta.num_identities", (50, 200, 1000)),),
     "shots": (("protocol.shots", (1, 2, 4)),),
     "smoke": (("lora.rank", (2, 4)),),

@@ -49,21 +49,24 @@ def test_second_order_gradients_equal_lax():
                                rtol=1e-5, atol=1e-5)
 
 
-def _scanned_gradient_kernels(conv) -> list[str]:
-    """dim_labels of the convolutions XLA compiles for a 3-step scan of input-gradient steps."""
+def _scanned_gradient_kernels(conv, second_order: bool = False) -> list[str]:
+    """dim_labels of the convolutions XLA compiles for a 3-step scan of input-gradient steps (and, with
+    ``second_order``, for the gradient of the scan's result: what second-order MAML's outer step compiles)."""
     loss = _loss(conv, (1, 1), ((1, 1), (1, 1)))
 
     def run(x, w):
         return lax.scan(lambda c, _: (c - 1e-3 * jax.grad(loss)(c, w), None), x, None, length=3)[0]
 
+    outer = lambda x, w: jax.grad(lambda x: jnp.sum(run(x, w) ** 2))(x)
     x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 8))
-    hlo = jit(run).lower(x, w).compile().as_text()
+    hlo = jit(outer if second_order else run).lower(x, w).compile().as_text()
     return [line.split("dim_labels=")[1].split(",")[0] for line in hlo.splitlines() if " convolution(" in line]
 
 
-def test_a_scanned_input_gradient_keeps_the_canonical_kernel_layout():
-    assert any("_01oi->" in d for d in _scanned_gradient_kernels(lax.conv_general_dilated))  # the slow form
-    ours = _scanned_gradient_kernels(conv_general_dilated)
+@pytest.mark.parametrize("second_order", [False, True])
+def test_a_scanned_input_gradient_keeps_the_canonical_kernel_layout(second_order):
+    assert any("_01oi->" in d for d in _scanned_gradient_kernels(lax.conv_general_dilated, second_order))  # slow
+    ours = _scanned_gradient_kernels(conv_general_dilated, second_order)
     assert ours and not any("_01oi->" in d for d in ours)
 
 

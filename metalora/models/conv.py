@@ -34,15 +34,19 @@ _conv_stride1 = jax.custom_vjp(_conv, nondiff_argnums=(2,))
 
 
 def _forward(lhs, rhs, padding):
-    return _conv(lhs, rhs, padding), (lhs, rhs)
+    # The primal through the custom-VJP function too: a second-order pass differentiates the forward rule's body,
+    # which must then use this rule again rather than lax's.
+    return _conv_stride1(lhs, rhs, padding), (lhs, rhs)
 
 
 def _backward(padding, residuals, g):
     lhs, rhs = residuals
-    # Cotangent of the input: a "full" correlation of g with the flipped kernel, in/out channels swapped.
+    # Cotangent of the input: a "full" correlation of g with the flipped kernel, in/out channels swapped. It is
+    # itself a custom-VJP convolution, so differentiating it again (second-order MAML: the outer gradient runs
+    # through the inner loop's backward pass) also gets the canonical layout instead of lax's swapped one.
     flipped = jnp.swapaxes(jnp.flip(rhs, (0, 1)), -1, -2)
     pad = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(rhs.shape[:2], padding))
-    d_lhs = lax.conv_general_dilated(g, flipped.astype(g.dtype), (1, 1), pad, dimension_numbers=_NHWC)
+    d_lhs = _conv_stride1(g, flipped.astype(g.dtype), pad)
     # Cotangent of the kernel: lax's own rule (XLA drops it as dead code when the kernel is frozen).
     _, kernel_vjp = jax.vjp(lambda w: _conv(lhs, w, padding), rhs)
     return d_lhs.astype(lhs.dtype), kernel_vjp(g)[0]
