@@ -24,6 +24,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.base = ml_collections.ConfigDict()
     c.base.path = ""  # "" = the pretrained base shipped in assets/base_tiny; "random:<base config arg>" = untrained
     c.base.attention_backend = "auto"
+    c.base.compute_dtype = "float32"  # the UNet's activations (parameters stay float32): float32 | bfloat16 | float16
+    c.base.remat = False  # recompute UNet block activations in the backward pass (memory for time)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.method = "meta_lora"  # "meta_lora" (D shared, M/U per subject) | "lora" (A/B per subject)

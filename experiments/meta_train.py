@@ -37,7 +37,8 @@ from metalora.train.io import atomic_write_text
 
 
 def load_base(config: ml_collections.ConfigDict) -> tuple[bm.BaseModel, bm.BaseParams]:
-    return bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
+    b = config.base
+    return bm.load_base(b.path, attention_backend=b.attention_backend, compute_dtype=b.compute_dtype, remat=b.remat)
 
 
 def adapter_config(config: ml_collections.ConfigDict, num_subjects: int = 1):

@@ -169,3 +169,50 @@ def test_the_benchmark_harness_runs_on_a_stable_diffusion_folder(sd, tmp_path):
         methods_lib.textual_inversion_method(model, params, loss)
     with pytest.raises(ValueError, match="stacked_id runs on pixel-space bases"):
         methods_lib.stacked_id_method(model, params, tmp_path)
+
+
+def test_the_sd15_config_runs_meta_train_and_adapt_in_bf16_with_remat(sd, tmp_path):
+    """configs/meta_lora_sd15.py at its test size: the full-scale settings (bf16 UNet activations, rematerialised
+    blocks, a pool of joint heads, min-SNR) on a tiny SD folder; D and the exported factors stay float32."""
+    from configs import meta_lora_sd15
+    from experiments import adapt, meta_train
+    from safetensors.numpy import load_file
+
+    from metalora.meta.personalize import META_DOWN_FILE
+
+    folder, _, _ = sd
+    config = meta_lora_sd15.get_config("tiny")
+    config.base.path = str(folder)
+    model, params = meta_train.load_base(config)
+    assert (model.compute_dtype, model.remat) == ("bfloat16", True)
+    assert model.unet(params).dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(params["unet"])} == {jnp.dtype(jnp.float32)}
+    trained = meta_train.main(config, tmp_path)
+    assert trained["finished"] and np.isfinite(trained["final_metrics"]["train/loss"])
+    saved = load_file(f"{trained['meta_down']}/{META_DOWN_FILE}")
+    assert saved and {x.dtype for x in saved.values()} == {np.dtype(np.float32)}
+    adapted = adapt.main(config, tmp_path)
+    assert np.isfinite(adapted["heldout_loss_after"]).all() and len(adapted["exports"]) == 2
+
+
+def test_the_sd15_configs_head_table_arithmetic():
+    """The numbers in configs/meta_lora_sd15.py's docstring, recounted on the abstract SD-1.5 UNet."""
+    from flax import nnx
+
+    from configs import meta_lora_sd15
+    from configs.sd_unets import UNETS
+    from experiments.meta_train import adapter_config
+    from metalora.lora import inject, split_roles
+    from metalora.models.unet import UNet2DConditionModel, UNetConfig
+
+    config = meta_lora_sd15.get_config("")
+
+    def build():
+        unet = UNet2DConditionModel(UNetConfig.from_diffusers(UNETS["sd15"]), rngs=nnx.Rngs(0))
+        inject(unet, adapter_config(config), key=jax.random.key(0))
+        return unet
+
+    _, base, meta, head = split_roles(nnx.eval_shape(build))
+    count = lambda state: sum(x.size for x in jax.tree.leaves(state))
+    assert (count(base), count(meta), count(head)) == (859_520_964, 397_824, 1_605_632)
+    assert config.meta.num_heads == 64 and round(64 * 12 * count(head) / 1e9, 2) == 1.23  # f32 + two Adam moments

@@ -224,8 +224,13 @@ def default_scheduler_config() -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _build_unet(config: UNetConfig, key: jax.Array, attention_backend: str) -> UNet2DConditionModel:
-    return UNet2DConditionModel(config, rngs=nnx.Rngs(key), attention_backend=attention_backend)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _build_unet(config: UNetConfig, key: jax.Array, attention_backend: str, compute_dtype: str = "float32",
+                remat: bool = False) -> UNet2DConditionModel:
+    return UNet2DConditionModel(config, rngs=nnx.Rngs(key), attention_backend=attention_backend,
+                                dtype=COMPUTE_DTYPES[compute_dtype], param_dtype=jnp.float32, remat=remat)
 
 
 def _build_text(config: CLIPTextConfig, key: jax.Array) -> CLIPTextModel:
@@ -238,16 +243,23 @@ class BaseModel:
     Hashable by identity: pass it as a static argument to ``jax.jit`` (build it once per run).
     """
 
-    def __init__(self, config: BaseModelConfig, *, attention_backend: str = "auto", tokenizer: Any = None):
+    def __init__(self, config: BaseModelConfig, *, attention_backend: str = "auto", tokenizer: Any = None,
+                 compute_dtype: str = "float32", remat: bool = False):
         """``tokenizer``: the model's own (``HFCLIPTokenizer`` of a Stable Diffusion folder); None builds the
-        ``WordTokenizer`` of ``config.tokenizer``."""
+        ``WordTokenizer`` of ``config.tokenizer``. ``compute_dtype`` (a ``COMPUTE_DTYPES`` name) is the UNet's
+        activation dtype, its parameters stay float32; ``remat`` recomputes each UNet block's activations in the
+        backward pass (full-scale training memory). The text encoder and VAE are frozen and run in float32."""
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {compute_dtype!r}: choose one of {sorted(COMPUTE_DTYPES)}")
         self.config = config
+        self.compute_dtype, self.remat = compute_dtype, bool(remat)
         self.resolution = int(config.resolution)
         self.channels = int(config.unet.in_channels)
         self.tokenizer = tokenizer if tokenizer is not None else WordTokenizer.from_dict(dict(config.tokenizer))
         self.schedule = NoiseSchedule.from_config(config.scheduler, source="BaseModelConfig.scheduler")
         key = jax.random.key(0)
-        self.unet_def = nnx.graphdef(nnx.eval_shape(lambda: _build_unet(config.unet, key, attention_backend)))
+        self.unet_def = nnx.graphdef(nnx.eval_shape(
+            lambda: _build_unet(config.unet, key, attention_backend, compute_dtype, remat)))
         self.text_def = nnx.graphdef(nnx.eval_shape(lambda: _build_text(config.text_encoder, key)))
         self.vae_def = (None if config.vae is None else nnx.graphdef(nnx.eval_shape(
             lambda: AutoencoderKL(config.vae, attention_backend=attention_backend, rngs=nnx.Rngs(0)))))
@@ -289,7 +301,7 @@ class BaseModel:
 def init_base_params(model: BaseModel, key: jax.Array) -> BaseParams:
     """Fresh random weights (the initialisers of the UNet and CLIP modules)."""
     k_unet, k_text = jax.random.split(key)
-    unet = _build_unet(model.config.unet, k_unet, model.attention_backend)
+    unet = _build_unet(model.config.unet, k_unet, model.attention_backend, model.compute_dtype, model.remat)
     text = _build_text(model.config.text_encoder, k_text)
     return {"unet": nnx.state(unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param)}
 
@@ -490,13 +502,16 @@ def read_model_index(path: str | pathlib.Path) -> dict[str, Any]:
 
 
 def load_base_model(
-    path: str | pathlib.Path | None = None, *, attention_backend: str = "auto"
+    path: str | pathlib.Path | None = None, *, attention_backend: str = "auto", compute_dtype: str = "float32",
+    remat: bool = False,
 ) -> tuple[BaseModel, BaseParams]:
     """Load ``(model, params)`` from a folder written by ``save_base_model`` (default: the pretrained
-    ``assets/base_tiny`` kept in the repository). Only safetensors and JSON are read."""
+    ``assets/base_tiny`` kept in the repository). Only safetensors and JSON are read. ``compute_dtype`` and
+    ``remat``: see ``BaseModel``."""
     path = pathlib.Path(path) if path is not None else DEFAULT_BASE_CHECKPOINT
     if _diffusers_class(path) is not None:
-        return load_stable_diffusion_base(path, attention_backend=attention_backend)
+        return load_stable_diffusion_base(path, attention_backend=attention_backend, compute_dtype=compute_dtype,
+                                          remat=remat)
     index = read_model_index(path)
     unet_cfg = UNetConfig.from_diffusers(convert.load_config(path / "unet"))
     text_cfg = CLIPTextConfig.from_dict(convert.load_config(path / "text_encoder"))
@@ -505,7 +520,7 @@ def load_base_model(
     scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     config = BaseModelConfig(resolution=int(index["resolution"]), unet=unet_cfg, text_encoder=text_cfg,
                              tokenizer=tokenizer.to_dict(), scheduler=scheduler)
-    model = BaseModel(config, attention_backend=attention_backend)
+    model = BaseModel(config, attention_backend=attention_backend, compute_dtype=compute_dtype, remat=remat)
     unet = load_unet(path / "unet", attention_backend=attention_backend)
     text = load_clip_text_model(path / "text_encoder", with_projection=False)
     return model, {"unet": nnx.state(unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param)}
@@ -520,8 +535,8 @@ def _diffusers_class(path: pathlib.Path) -> str | None:
     return None if index.get("format") == BASE_FORMAT else index.get("_class_name")
 
 
-def load_stable_diffusion_base(path: str | pathlib.Path, *,
-                               attention_backend: str = "auto") -> tuple[BaseModel, BaseParams]:
+def load_stable_diffusion_base(path: str | pathlib.Path, *, attention_backend: str = "auto",
+                               compute_dtype: str = "float32", remat: bool = False) -> tuple[BaseModel, BaseParams]:
     """A diffusers ``StableDiffusionPipeline`` folder (SD-1.x/2.x) as a personalization base: its UNet, CLIP text
     encoder (last hidden state, as the pipeline conditions), CLIP tokenizer, scheduler and VAE; the UNet works in
     the VAE's scaled latent space (``encode_images`` / ``decode_images``). Only safetensors are read.
@@ -544,7 +559,8 @@ def load_stable_diffusion_base(path: str | pathlib.Path, *,
     config = BaseModelConfig(resolution=height // pipe.vae_scale_factor, unet=pipe.unet.config,
                              text_encoder=text.config, tokenizer={}, scheduler=pipe.schedule.to_config(),
                              vae=vae.config)
-    model = BaseModel(config, attention_backend=attention_backend, tokenizer=tokenizer)
+    model = BaseModel(config, attention_backend=attention_backend, tokenizer=tokenizer, compute_dtype=compute_dtype,
+                      remat=remat)
     params = {"unet": nnx.state(pipe.unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param),
               "vae": nnx.state(vae, nnx.Param)}
     return model, params
@@ -555,7 +571,7 @@ def load_stable_diffusion_base(path: str | pathlib.Path, *,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_base_model(m: Any) -> BaseModel:
+def build_base_model(m: Any, *, compute_dtype: str = "float32", remat: bool = False) -> BaseModel:
     """The composite model a ``config.model`` section of ``configs/base_tiny.py`` describes (no weights)."""
     tokenizer = world_tokenizer(max_length=m.max_length or None)
     unet = tiny_unet_config(block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
@@ -565,7 +581,7 @@ def build_base_model(m: Any) -> BaseModel:
     model_config = BaseModelConfig.create(resolution=m.resolution, unet=unet, text_hidden_size=m.text_hidden_size,
                                           text_layers=m.text_layers, text_heads=m.text_heads, tokenizer=tokenizer,
                                           scheduler=scheduler)
-    return BaseModel(model_config, attention_backend=m.attention_backend)
+    return BaseModel(model_config, attention_backend=m.attention_backend, compute_dtype=compute_dtype, remat=remat)
 
 
 def load_pixel_base(path: str, *, attention_backend: str = "auto", job: str) -> tuple[BaseModel, BaseParams]:
@@ -578,14 +594,17 @@ def load_pixel_base(path: str, *, attention_backend: str = "auto", job: str) -> 
     return model, params
 
 
-def load_base(path: str = "", *, attention_backend: str = "auto") -> tuple[BaseModel, BaseParams]:
+def load_base(path: str = "", *, attention_backend: str = "auto", compute_dtype: str = "float32",
+              remat: bool = False) -> tuple[BaseModel, BaseParams]:
     """The frozen base of a personalization job: ``""`` = the shipped checkpoint, a pipeline folder, or
-    ``random:<arg>`` = untrained weights of ``configs/base_tiny.py:<arg>`` (tests and smoke runs)."""
+    ``random:<arg>`` = untrained weights of ``configs/base_tiny.py:<arg>`` (tests and smoke runs).
+    ``compute_dtype`` / ``remat``: the UNet's activation dtype and block rematerialisation (``BaseModel``)."""
     if path.startswith("random:"):
         from configs import base_tiny  # the config of record for the tiny base lives with the other configs
 
         base_config = base_tiny.get_config(path.split(":", 1)[1])
         base_config.model.attention_backend = attention_backend
-        model = build_base_model(base_config.model)
+        model = build_base_model(base_config.model, compute_dtype=compute_dtype, remat=remat)
         return model, init_base_params(model, jax.random.key(base_config.seed))
-    return load_base_model(path or None, attention_backend=attention_backend)
+    return load_base_model(path or None, attention_backend=attention_backend, compute_dtype=compute_dtype,
+                           remat=remat)
