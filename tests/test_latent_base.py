@@ -173,11 +173,11 @@ def test_the_benchmark_harness_runs_on_a_stable_diffusion_folder(sd, tmp_path):
 
 def test_the_sd15_config_runs_meta_train_and_adapt_in_bf16_with_remat(sd, tmp_path):
     """configs/meta_lora_sd15.py at its test size: the full-scale settings (bf16 UNet activations, rematerialised
-    blocks, a pool of joint heads, min-SNR) on a tiny SD folder; D and the exported factors stay float32."""
-    from configs import meta_lora_sd15
-    from experiments import adapt, meta_train
+    blocks, a pool of joint heads, min-SNR) on a tiny SD folder; parameters and the saved D stay float32."""
     from safetensors.numpy import load_file
 
+    from configs import meta_lora_sd15
+    from experiments import adapt, meta_train
     from metalora.meta.personalize import META_DOWN_FILE
 
     folder, _, _ = sd
