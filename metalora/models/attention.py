@@ -85,6 +85,7 @@ def pick_tiles(heads: int, lq: int, lk: int, *, block_q: int = 256, tile_bytes: 
     UNet shapes): 1 MiB tiles were the fastest or within noise of it from 256 to 4096 tokens: small problems
     (the tiny UNet's 256 tokens × 32 heads) run as a few batched tiles instead of 32 tiny per-head loops
     (gradient 21 → 17 ms), large ones stay one head × 256 queries per tile, where the score block stays in cache.
+    Under ``vmap`` (many subjects at once) the sizes are per example: each tile is batched over the mapped axis.
     """
     block = _largest_divisor(lq, block_q)
     return _largest_divisor(heads, tile_bytes // (4 * block * lk)), block
