@@ -61,6 +61,7 @@ from metalora.meta import (  # noqa: E402
     init_meta_params,
     make_meta_loss,
 )
+from metalora.models.base_model import COMPUTE_DTYPES  # noqa: E402
 from metalora.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from metalora.sharding import (  # noqa: E402
     ShardingRules,
@@ -71,8 +72,6 @@ from metalora.sharding import (  # noqa: E402
 )
 from metalora.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from metalora.train.io import atomic_write_text  # noqa: E402
-
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +90,7 @@ class Problem:
 
 def build_problem(args: argparse.Namespace, name: str) -> Problem:
     config = UNetConfig.from_diffusers(UNETS[name])
-    compute = DTYPES[args.dtype]
+    compute = COMPUTE_DTYPES[args.dtype]
     lora = LoRAConfig(targets=args.targets, rank=args.rank, mid_rank=args.mid_rank, down_role="meta")
     paths: list[str] = []
 
@@ -265,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=64, help="joint: rows of the head table")
     p.add_argument("--latent-size", type=int, default=0, help="latent side (0 = the config's sample_size)")
     p.add_argument("--context-len", type=int, default=77)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype (params are f32)")
+    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default="bfloat16", help="compute dtype (params are f32)")
     p.add_argument("--no-remat", dest="remat", action="store_false")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON results")
