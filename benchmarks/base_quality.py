@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalora import host
 from metalora.compiler import jit
 from metalora.data import builders, world
 from metalora.eval import metrics as M
@@ -141,4 +142,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    host.reexec_with_malloc_tunables()  # before any work: see metalora/host.py
     main()

@@ -38,6 +38,7 @@ import platform
 import statistics
 import time
 
+from metalora import host
 from metalora.compiler import jit
 
 SMALL_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
@@ -375,7 +376,7 @@ def _flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def _peak_matmul_flops(repeats: int) -> float:
+def peak_matmul_flops(repeats: int) -> float:
     """This machine's f32 matmul FLOP/s (a square jitted ``a @ b``: 2n³ flops), our practical peak."""
     import jax
     import jax.numpy as jnp
@@ -398,7 +399,7 @@ def bench_efficiency(args) -> list[dict]:
         raise RuntimeError("efficiency: the FLOP-counted step has a while loop, whose FLOPs XLA counts once")
     flops = _flops(compiled)
     seconds = _median_time(_stepper(step, init), args.repeats)
-    peak = _peak_matmul_flops(args.repeats)
+    peak = peak_matmul_flops(args.repeats)
 
     # The same step in diffusers + PEFT: its FLOPs by torch's own counter (matmuls and convolutions only, forward
     # and backward), its time measured here.
@@ -474,4 +475,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    host.reexec_with_malloc_tunables()  # before any work: see metalora/host.py
     main()

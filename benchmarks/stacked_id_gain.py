@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import meta_phd_tiny
+from metalora import host
 from metalora.compiler import jit
 from metalora.data import builders
 from metalora.eval import benchmark
@@ -74,4 +75,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host.reexec_with_malloc_tunables()  # before any work: see metalora/host.py
     main()

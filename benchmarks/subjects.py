@@ -13,8 +13,11 @@ Timing excludes compilation (ahead-of-time ``lower().compile()``, timed separate
 median (and best) of ``--repeats`` calls, each waited for with ``block_until_ready``. Subjects/s = S / wall; the
 issue's goal is S = 16 at ≥ 6× the subjects/s of S = 1. To explain the scaling, XLA's cost analysis of the compiled
 program gives the FLOPs of one inner step (XLA counts a scan body once), hence the achieved GFLOP/s at each S: if S
-= 1 already runs near the machine's throughput, batching subjects cannot buy much more. The machine's load average
-is recorded (the box is shared).
+= 1 already runs near the machine's throughput, batching subjects cannot buy much more. The roofline makes that a
+number: with this machine's f32 matmul rate (a 1024² jitted matmul, ``benchmarks.speed``) as the peak, each row
+gets the subjects/s it would reach at 100 % of peak, and the goal gets the GFLOP/s it needs (6 × S = 1's
+subjects/s × the FLOPs of one subject at the largest S). The machine's load average is recorded (the box is
+shared).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.speed import peak_matmul_flops
+from metalora import host
 from metalora.compiler import jit
 from metalora.config_utils import parse_cli
 from metalora.lora import LoRAConfig, init_subject_state, inject, split_roles
@@ -117,19 +122,43 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                      "gflops_per_s": flops * args.steps / wall / 1e9})
         print(f"S={s}: median {wall:.2f} s over {args.repeats} runs (compile {compile_s:.1f} s)", flush=True)
     base_rate = rows[0]["subjects_per_s"]
+    peak = peak_matmul_flops(args.repeats)
     for row in rows:
         row["speedup_vs_first"] = row["subjects_per_s"] / base_rate
-    return {"rows": rows}
+        row["fraction_of_peak"] = row["gflops_per_s"] * 1e9 / peak
+        row["subjects_per_s_at_peak"] = peak / subject_flops(row, args.steps)
+    return {"rows": rows, "peak_gflops_per_s": peak / 1e9, "goal": goal(rows, args.steps, peak)}
 
 
-def markdown_table(rows: list[dict[str, Any]], steps: int) -> str:
+GOAL_SPEEDUP = 6.0  # the issue's goal: S = 16 at ≥ 6× the subjects/s of S = 1
+
+
+def subject_flops(row: dict[str, Any], steps: int) -> float:
+    """FLOPs of adapting one subject (all its inner steps) in that row's program."""
+    return row["flops_per_step"] * steps / row["subjects"]
+
+
+def goal(rows: list[dict[str, Any]], steps: int, peak: float) -> dict[str, Any]:
+    """What ``GOAL_SPEEDUP`` × the first row's subjects/s needs at the largest S: GFLOP/s and fraction of peak."""
+    largest = rows[-1]
+    needed = GOAL_SPEEDUP * rows[0]["subjects_per_s"] * subject_flops(largest, steps)
+    return {"subjects": largest["subjects"], "speedup": GOAL_SPEEDUP,
+            "subjects_per_s": GOAL_SPEEDUP * rows[0]["subjects_per_s"], "needs_gflops_per_s": needed / 1e9,
+            "fraction_of_peak": needed / peak}
+
+
+def markdown_table(result: dict[str, Any], steps: int) -> str:
+    rows, g = result["rows"], result["goal"]
     lines = [f"| S | wall s ({steps} steps) | best s | subjects/s | speed-up vs S={rows[0]['subjects']} | "
-             "ms/step | GFLOP/step | GFLOP/s |", "|---|---|---|---|---|---|---|---|"]
+             "ms/step | GFLOP/step | GFLOP/s | % of peak | subjects/s at peak |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(f"| {r['subjects']} | {r['wall_s']:.2f} | {r['best_s']:.2f} | {r['subjects_per_s']:.3f} | "
                      f"{r['speedup_vs_first']:.2f}× | {r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e9:.3f} | "
-                     f"{r['gflops_per_s']:.1f} |")
-    return "\n".join(lines)
+                     f"{r['gflops_per_s']:.1f} | {100 * r['fraction_of_peak']:.0f} % | "
+                     f"{r['subjects_per_s_at_peak']:.2f} |")
+    lines.append(f"| goal: S={g['subjects']} at {g['speedup']:g}× | | | {g['subjects_per_s']:.3f} | "
+                 f"{g['speedup']:g}× | | | {g['needs_gflops_per_s']:.1f} | {100 * g['fraction_of_peak']:.0f} % | |")
+    return "\n".join(lines) + f"\n\npeak: {result['peak_gflops_per_s']:.1f} GFLOP/s (f32 1024² matmul on this machine)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,7 +182,7 @@ def main(argv=None) -> dict[str, Any]:
     load_before = os.getloadavg()
     start = time.perf_counter()
     result = bench(args)
-    table = markdown_table(result["rows"], args.steps)
+    table = markdown_table(result, args.steps)
     print(table)
     payload = {"settings": vars(args) | {"out": str(args.out)}, **result, "table": table,
                "load_average_before": load_before, "load_average_after": os.getloadavg(),
@@ -167,4 +196,5 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    host.reexec_with_malloc_tunables()  # before any work: see metalora/host.py
     main()

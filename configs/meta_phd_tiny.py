@@ -37,6 +37,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.base = ml_collections.ConfigDict()
     c.base.path = ""  # "" = assets/base_tiny
     c.base.attention_backend = "auto"
+    c.base.compute_dtype = "float32"  # the UNet's activations (parameters stay float32): float32 | bfloat16 | float16
+    c.base.remat = False  # recompute UNet block activations in the backward pass (memory for time)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synth"

@@ -16,6 +16,7 @@ import pathlib
 import sys
 
 from configs import meta_lora_tiny
+from metalora import host
 from metalora.config_utils import run_cli
 from metalora.eval import benchmark
 
@@ -76,4 +77,5 @@ def cli(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host.reexec_with_malloc_tunables()  # before any work: see metalora/host.py
     cli(sys.argv[1:])

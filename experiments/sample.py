@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from metalora import host
 from metalora.models import base_model as bm
 from metalora.train.io import save_image_grid
 
@@ -116,4 +117,5 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
+    host.reexec_with_malloc_tunables()  # before any work: see metalora/host.py
     main()

@@ -35,6 +35,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from metalora import host
 from metalora.train.io import atomic_write_text
 
 __all__ = [
@@ -146,7 +147,12 @@ def _parse(argv: list[str], source: str) -> tuple[ml_collections.ConfigDict, str
 
 
 def run_cli(main: Callable[[ml_collections.ConfigDict, pathlib.Path], Any], argv: Sequence[str] | None = None) -> Any:
-    """Parse the command line and call ``main(config, workdir)``; CLI errors exit with status 2 and one clear line."""
+    """Parse the command line and call ``main(config, workdir)``; CLI errors exit with status 2 and one clear line.
+
+    From the real command line (``argv=None``) the process first restarts itself with glibc's malloc tunables
+    (:mod:`metalora.host`): XLA:CPU's per-call temporaries otherwise page-fault on every training step."""
+    if argv is None:
+        host.reexec_with_malloc_tunables()
     argv = list(sys.argv if argv is None else argv)
     if any(tok in ("-h", "--help", "--helpfull") for tok in argv[1:]):
         print(f"usage: {argv[0]} --config FILE.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]")

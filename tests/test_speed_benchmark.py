@@ -56,3 +56,29 @@ def test_batched_adaptation_benchmark_on_the_base_model(tmp_path):
     assert (one["subjects"], two["subjects"]) == (1, 2) and one["speedup_vs_first"] == 1.0
     assert math.isclose(two["flops_per_step"], 2 * one["flops_per_step"], rel_tol=0.02)
     assert all(math.isfinite(r["subjects_per_s"]) and r["subjects_per_s"] > 0 for r in payload["rows"])
+    # The roofline: each row's rate at 100 % of the matmul peak, and what 6 × S=1's rate costs at the largest S.
+    peak = payload["peak_gflops_per_s"] * 1e9
+    for r in payload["rows"]:
+        assert math.isclose(r["fraction_of_peak"], r["gflops_per_s"] * 1e9 / peak)
+        assert math.isclose(r["subjects_per_s_at_peak"] / r["subjects_per_s"], 1 / r["fraction_of_peak"], rel_tol=1e-9)
+    goal = payload["goal"]
+    assert goal["subjects"] == 2 and math.isclose(goal["subjects_per_s"], 6 * one["subjects_per_s"])
+    assert math.isclose(goal["needs_gflops_per_s"], 6 * one["gflops_per_s"] * two["flops_per_step"]
+                        / (2 * one["flops_per_step"]), rel_tol=1e-9)
+
+
+def test_host_allocator_benchmark_alternates_two_workers(tmp_path):
+    """benchmarks/host_allocator.py at smoke size: one worker without and one with metalora.host's tunables, each
+    reporting one time per turn."""
+    from benchmarks import host_allocator
+    from metalora import host
+
+    out = tmp_path / "alloc.json"
+    payload = host_allocator.main(["--config", "configs/base_tiny.py:smoke", "--turns", "2", "--steps-per-turn", "1",
+                                   "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == payload["table"]
+    default, tuned = payload["rows"]
+    assert (default["variant"], tuned["variant"]) == ("default", "tuned")
+    assert default["glibc_tunables"] is None
+    assert tuned["glibc_tunables"] == ":".join(f"{k}={v}" for k, v in host.MALLOC_TUNABLES.items())
+    assert all(len(r["ms_per_step_turns"]) == 2 and math.isfinite(r["ms_per_step"]) for r in payload["rows"])

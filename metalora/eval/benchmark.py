@@ -187,7 +187,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Run (or resume) every method variant × seed on the configured test identities; write the report."""
     workdir = pathlib.Path(workdir)
     t_start = time.perf_counter()
-    model, params = bm.load_base(config.base.path, attention_backend=config.base.attention_backend)
+    b = config.base
+    model, params = bm.load_base(b.path, attention_backend=b.attention_backend, compute_dtype=b.compute_dtype,
+                                 remat=b.remat)
     d = config.data
     builder = builders.prepare(builders.track_builder(d, resolution=model.image_resolution))
     tests = choose_tests(config, builders.data_source(builder, config.protocol.split, decode_images=False))
