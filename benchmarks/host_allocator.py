@@ -13,7 +13,6 @@ effect). Per worker: median ms/step, minor page faults and system CPU time per s
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import pathlib
@@ -34,16 +33,10 @@ def _worker(args: argparse.Namespace) -> None:
 
     from experiments import pretrain_base as pb
     from metalora.config_utils import parse_cli
-    from metalora.models import base_model as bm
-    from metalora.train import create_train_state, make_lr_schedule, make_optimizer, make_train_step
 
     config = parse_cli(["host_allocator", f"--config={args.config}"], require_workdir=False).config
     model = pb.build_model(config)
-    opt = pb._optimizer_config(config)
-    optimizer = make_optimizer(opt)
-    state = create_train_state(bm.init_base_params(model, jax.random.key(0)), optimizer, ema=True)
-    loss_fn = functools.partial(pb._loss, model, cond_drop_prob=config.train.cond_drop_prob, min_snr_gamma=None)
-    step = make_train_step(loss_fn, optimizer, ema_decay=config.train.ema_decay, lr_schedule=make_lr_schedule(opt))
+    state, step = pb.make_state_and_step(config, model)
     data = pb.make_data(config, model.tokenizer)
     batches = [next(data) for _ in range(args.steps_per_turn)]
     key = jax.random.key(1)

@@ -35,7 +35,7 @@ from metalora.train import (
 )
 from metalora.train.io import atomic_write_text
 
-__all__ = ["CaptionBatches", "build_model", "main", "make_data"]
+__all__ = ["CaptionBatches", "build_model", "main", "make_data", "make_state_and_step"]
 
 
 def build_model(config: ml_collections.ConfigDict) -> bm.BaseModel:
@@ -104,9 +104,12 @@ def _sample_fn(model: bm.BaseModel, config: ml_collections.ConfigDict):
     return fn
 
 
-def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
-    workdir = pathlib.Path(workdir)
-    model = build_model(config)
+def make_state_and_step(config: ml_collections.ConfigDict, model: bm.BaseModel):
+    """The initial train state (seeded by ``config.seed``) and the jitted train step the config describes.
+
+    One place for both, so that anything timing the pretraining step (``benchmarks/host_allocator.py``) runs the
+    step ``main`` runs: the same optimizer, frozen text tower, condition dropout, min-SNR weighting and EMA.
+    """
     t = config.train
     opt_config = _optimizer_config(config)
     optimizer = make_optimizer(opt_config)
@@ -119,6 +122,14 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     loss_fn = functools.partial(_loss, model, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None)
     step_fn = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay or None, ema_warmup=t.ema_warmup,
                               lr_schedule=make_lr_schedule(opt_config))
+    return state, step_fn
+
+
+def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+    workdir = pathlib.Path(workdir)
+    model = build_model(config)
+    t = config.train
+    state, step_fn = make_state_and_step(config, model)
     data = make_data(config, model.tokenizer)
     hooks = []
     if t.sample_every > 0:  # 0: no sample grids (e.g. in tests)
