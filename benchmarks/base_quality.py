@@ -1,6 +1,7 @@
 """Quality bars of a base model of the procedural world, measured by the evaluation probes.
 
-    python -m benchmarks.base_quality [--model assets/base_tiny] [--probes r32] [--n 120] [--out runs/base_quality]
+    python -m benchmarks.base_quality [--model assets/base_tiny] [--probes r32] [--n 120] [--guidance 3] [--eta 0]
+                                        [--out runs/base_quality]
 
 * Prompted-attribute accuracy: the base samples the captions of ``n`` real ``test`` photos (every attribute of the
   photo is in its caption); the attribute probe checks each prompted attribute of each sample. The same probe on
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=120)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1 = DDPM-like ancestral noise)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/base_quality")
     args = ap.parse_args(argv)
@@ -101,13 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
     real, captions, attributes = real_test_photos(model.resolution, args.n)
     ids = jnp.asarray(model.tokenize(captions))
     samples = np.asarray(bm.sample_from_ids(model, params, ids, jax.random.split(jax.random.key(args.seed), args.n),
-                                            num_inference_steps=args.steps, guidance_scale=args.guidance))
+                                            num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta))
     class_ids = jnp.asarray(model.tokenize([world.make_caption({})] * args.n))
     bare = np.asarray(bm.sample_from_ids(model, params, class_ids,
                                          jax.random.split(jax.random.key(args.seed + 1), args.n),
-                                         num_inference_steps=args.steps, guidance_scale=args.guidance))
+                                         num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                         eta=args.eta))
     result = {
         "model": args.model or "assets/base_tiny", "n": args.n, "ddim_steps": args.steps, "guidance": args.guidance,
+        "eta": args.eta,
         "attribute_accuracy_samples": attribute_accuracy(probes, samples, attributes),
         "attribute_accuracy_real": attribute_accuracy(probes, real, attributes),
         "mean_pairwise_identity_cosine": {
