@@ -51,7 +51,7 @@ from flax import nnx  # noqa: E402
 
 from configs.sd_unets import UNETS  # noqa: E402
 from metalora.compiler import jit  # noqa: E402
-from metalora.diffusion import NoiseSchedule, diffusion_loss, loss_weights, training_inputs  # noqa: E402
+from metalora.diffusion import NoiseSchedule  # noqa: E402
 from metalora.lora import LoRAConfig, init_subject_state, inject, merge_roles, split_roles  # noqa: E402
 from metalora.meta import (  # noqa: E402
     InnerLoopConfig,
@@ -86,6 +86,9 @@ class Problem:
     latent: tuple[int, int, int]
     context: tuple[int, int]
     num_adapters: int
+    # SDXL's added conditions per example (pooled text embedding, size/crop ids): shots carry them as inputs, as
+    # ``metalora.meta.personalize.encode_shots`` makes them from an SDXL base, and the library's loss reads them.
+    added: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def build_problem(args: argparse.Namespace, name: str) -> Problem:
@@ -104,30 +107,12 @@ def build_problem(args: argparse.Namespace, name: str) -> Problem:
     latent_size = args.latent_size or UNETS[name]["sample_size"]
     cross_dim = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) else \
         config.cross_attention_dim[0]
+    added = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": (pooled,), "time_ids": (6,)}
     return Problem(name, graphdef, base, meta, subject, (latent_size, latent_size, config.in_channels),
-                   (args.context_len, cross_dim), len(paths))
-
-
-def example_loss_for(problem: Problem, schedule: NoiseSchedule):
-    """The denoising loss; SDXL also needs its micro-conditioning (pooled text embedding and size/crop ids).
-
-    The inner loop's minibatches carry only ``images``/``context`` (``sample_minibatch``), so for SDXL the added
-    conditioning is a constant of the right shape (zeros pooled embedding, 1024² size ids): the compiled
-    program has SDXL's full compute and memory, only that input is not data-dependent.
-    """
-    if problem.unet != "sdxl":
-        return diffusion_example_loss(schedule)
-    pooled_dim = UNETS["sdxl"]["projection_class_embeddings_input_dim"] - 6 * UNETS["sdxl"]["addition_time_embed_dim"]
-
-    def loss(model, batch, key):
-        x_t, t, target = training_inputs(schedule, key, batch["images"])
-        b = x_t.shape[0]
-        added = {"text_embeds": jnp.zeros((b, pooled_dim), x_t.dtype),
-                 "time_ids": jnp.broadcast_to(jnp.array([1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]), (b, 6))}
-        pred = model(x_t, t, batch["context"], added)
-        return diffusion_loss(pred, target, loss_weights(schedule, t, None))
-
-    return loss
+                   (args.context_len, cross_dim), len(paths), added)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -136,7 +121,8 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def _shots(problem: Problem, identities: int, count: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    shapes = {"images": (identities, count, *problem.latent), "context": (identities, count, *problem.context)}
+    shapes = {"images": (identities, count, *problem.latent), "context": (identities, count, *problem.context),
+              **{name: (identities, count, *shape) for name, shape in problem.added.items()}}
     return {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=batch_sharding(mesh, len(s))) for k, s in shapes.items()}
 
 
@@ -190,7 +176,7 @@ def compile_meta_step(problem: Problem, algorithm: str, args: argparse.Namespace
              "support": _shots(problem, args.identities, args.shots, mesh),
              "query": _shots(problem, args.identities, args.query, mesh)}
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-    loss_fn = make_meta_loss(example_loss_for(problem, NoiseSchedule.create()), g, subject, config)
+    loss_fn = make_meta_loss(diffusion_example_loss(NoiseSchedule.create()), g, subject, config)
     step = make_train_step(loss_fn, optimizer, in_shardings=(state_sh, batch_sh, replicated(mesh)),
                            out_shardings=(state_sh, replicated(mesh)))
     start = time.perf_counter()
@@ -209,7 +195,7 @@ def compile_adapt_step(problem: Problem, args: argparse.Namespace, mesh, rules: 
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), args.identities))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=batch_sharding(mesh))
     shots = _shots(problem, args.identities, args.shots, mesh)
-    example_loss = example_loss_for(problem, NoiseSchedule.create())
+    example_loss = diffusion_example_loss(NoiseSchedule.create())
 
     def run(base, meta, heads, shots, keys):
         result = adapt_subjects(example_loss, g, base, meta, heads, shots, keys, inner)

@@ -11,8 +11,7 @@ the pipeline's 512 px and VAE-encoded inside the step. The same jobs and code pa
 only the sizes differ. Arguments: ``""`` (full scale) or ``"tiny"`` (the same settings at test size: a tiny SD
 folder in ``base.path`` and the procedural world's ``smoke`` photos, as the tests run it).
 
-SDXL has no config here: its UNet needs pooled text embeddings and micro-conditioning time ids, which the
-personalization losses do not produce yet (``metalora.models.base_model.load_stable_diffusion_base`` refuses it).
+SDXL: ``configs/meta_lora_sdxl.py`` (the same settings; the base model adds SDXL's conditioning).
 
 Memory arithmetic of the joint algorithm's head table (SD-1.5, attention targets, r_d = 4, r_m = 16; counted with
 ``nnx.eval_shape`` on ``configs/sd_unets.py``'s SD-1.5 UNet): ``D`` has 397,824 parameters; one identity's head

@@ -31,6 +31,7 @@ from metalora.eval.harness import shot_arrays, stack_shots
 from metalora.export import export_diffusers
 from metalora.lora import merge_roles, merged_params
 from metalora.meta import InnerLoopConfig, adapt_subjects, diffusion_example_loss, heldout_loss
+from metalora.meta.inner import unflipped
 from metalora.meta.personalize import attach_adapters, encode_shots, load_meta_down
 from metalora.models import base_model as bm
 from metalora.train import save_image_grid
@@ -73,8 +74,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     inner = InnerLoopConfig(steps=a.steps, learning_rate=a.learning_rate, batch_size=a.batch_size,
                             flip=not model.latent)
     run = jit(lambda h, s, k: adapt_subjects(example_loss, graphdef, base, meta, h, s, k, inner))
-    evaluate = jit(jax.vmap(lambda h, p: heldout_loss(example_loss, graphdef, base, meta, h,
-                                                      {"images": p["images"], "context": p["context"]},
+    evaluate = jit(jax.vmap(lambda h, p: heldout_loss(example_loss, graphdef, base, meta, h, unflipped(p),
                                                       jax.random.key(config.seed + 4))))
     keys = jax.random.split(jax.random.key(config.seed + 5), subjects)
     before = np.asarray(evaluate(heads, held_shots))

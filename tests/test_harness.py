@@ -103,7 +103,7 @@ def test_dreambooth_prior_preservation_adds_the_class_loss(tiny):
     prior = _batch(model, params, jax.random.key(9), n=1, caption="a photo of person")
     plain = methods_lib.dreambooth_method(model, params, loss)
     with_prior = methods_lib.dreambooth_method(model, params, loss, prior_images=prior["images"],
-                                               prior_context=prior["context"], prior_weight=0.5)
+                                               prior_prompt={"context": prior["context"]}, prior_weight=0.5)
     batch, key = _batch(model, params, jax.random.key(1)), jax.random.key(2)
     unet = plain.init(key)
     k_noise = jax.random.split(jax.random.fold_in(key, 1))[1]

@@ -98,10 +98,82 @@ def test_meta_train_and_adapt_on_a_stable_diffusion_folder(sd, tmp_path):
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
-def test_sdxl_is_refused_as_a_personalization_base(tmp_path):
-    build_sdxl(tmp_path / "xl")
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline cannot be a personalization base"):
-        bm.load_base(str(tmp_path / "xl"))
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl") / "pipeline"
+    pipe = build_sdxl(folder)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield folder, pipe, bm.load_base(str(folder))
+    torch.set_num_threads(previous)
+
+
+def test_an_sdxl_folder_conditions_its_unet_as_diffusers_does(sdxl):
+    """Both encoders' penultimate hidden states side by side, the second's pooled projection (diffusers'
+    ``encode_prompt``) and the size ids of an uncropped square photo; ``denoise`` = diffusers' UNet on them."""
+    _, pipe, (model, params) = sdxl
+    assert model.xl and model.latent and set(params["text_encoder"]) == {"text_encoder", "text_encoder_2"}
+    prompts = ["a photo of sks", "photo of a cat, sks"]
+    ids = jnp.asarray(model.tokenize(prompts))
+    assert ids.shape == (2, pipe.tokenizer.model_max_length + pipe.tokenizer_2.model_max_length)
+    cond = bm.encode_prompt(model, params["text_encoder"], ids)
+    with torch.no_grad():
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    np.testing.assert_allclose(cond["context"], hidden.numpy(), atol=1e-5)
+    np.testing.assert_allclose(cond["text_embeds"], pooled.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(cond["time_ids"], [[32, 32, 0, 0, 32, 32]] * 2)  # 16² latents × VAE factor 2
+
+    x = jax.random.normal(jax.random.key(0), (2, *model.sample_shape))
+    t = jnp.asarray([10, 700])
+    with torch.no_grad():
+        expected = pipe.unet(_nchw(x), torch.from_numpy(np.array(t)), hidden,
+                             added_cond_kwargs={"text_embeds": pooled,
+                                                "time_ids": torch.from_numpy(np.asarray(cond["time_ids"]))}).sample
+    np.testing.assert_allclose(bm.denoise(model, params, x, t, ids), _nhwc(expected), atol=1e-4)
+
+
+def test_base_sampler_on_an_sdxl_folder_equals_the_sdxl_pipeline(sdxl):
+    """With SDXL's zeroed unconditional branch (force_zeros_for_empty_prompt, diffusers' default)."""
+    from metalora.models.pipeline import load_pipeline
+
+    folder, _, (model, params) = sdxl
+    assert model.config.zero_uncond
+    prompts = ["a photo of sks", "photo of a cat, sks"]
+    keys = jax.random.split(jax.random.key(3), 2)
+    ours = bm.sample_from_ids(model, params, jnp.asarray(model.tokenize(prompts)), keys, num_inference_steps=4,
+                              guidance_scale=2.5)
+    reference = load_pipeline(folder).sample(prompts, keys=keys, num_inference_steps=4, guidance_scale=2.5)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_the_sdxl_config_meta_trains_and_adapts_on_an_sdxl_folder(sdxl, tmp_path):
+    """configs/meta_lora_sdxl.py at test size: D meta-trained, two subjects adapted (held-out loss measured with the
+    added conditions), their LoRAs exported and loaded by diffusers' own SDXL pipeline."""
+    from configs import meta_lora_sdxl
+    from experiments import adapt, meta_train
+
+    folder, _, _ = sdxl
+    config = meta_lora_sdxl.get_config("tiny")
+    config.base.path = str(folder)
+    trained = meta_train.main(config, tmp_path)
+    assert trained["finished"] and np.isfinite(trained["final_metrics"]["train/loss"])
+    adapted = adapt.main(config, tmp_path)
+    assert np.isfinite(adapted["heldout_loss_after"]).all() and len(adapted["exports"]) == 2
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+    pipe.load_lora_weights(adapted["exports"][0])
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
+def test_token_methods_refuse_an_sdxl_base_by_name(sdxl):
+    from metalora.eval import methods as methods_lib
+    from metalora.meta import diffusion_example_loss
+
+    _, _, (model, params) = sdxl
+    with pytest.raises(ValueError, match="an SDXL base has two"):
+        methods_lib.textual_inversion_method(model, params, diffusion_example_loss(model.schedule))
+    with pytest.raises(ValueError, match="an SDXL base has two"):
+        bm.encode_text(model, params["text_encoder"], jnp.asarray(model.tokenize(["a"])),
+                       inputs_embeds=jnp.zeros((1, model.tokenizer.max_length, 16)))
 
 
 def test_pixel_only_jobs_refuse_a_latent_base_by_name(sd):
@@ -204,24 +276,30 @@ def test_the_sd15_config_runs_meta_train_and_adapt_in_bf16_with_remat(sd, tmp_pa
     assert np.isfinite(adapted["heldout_loss_after"]).all() and len(adapted["exports"]) == 2
 
 
-def test_the_sd15_configs_head_table_arithmetic():
-    """The numbers in configs/meta_lora_sd15.py's docstring, recounted on the abstract SD-1.5 UNet."""
+@pytest.mark.parametrize("name, counts, heads, gigabytes", [
+    ("sd15", (859_520_964, 397_824, 1_605_632), 64, 1.23),
+    ("sdxl", (2_567_463_684, 3_143_680, 10_685_440), 16, 2.05),
+])
+def test_the_full_scale_configs_head_table_arithmetic(name, counts, heads, gigabytes):
+    """The numbers in configs/meta_lora_sd15.py's and meta_lora_sdxl.py's docstrings, recounted on the abstract
+    UNets: base, D and one identity's head; the pool of heads in float32 with Adam's two moments."""
+    import importlib
+
     from flax import nnx
 
-    from configs import meta_lora_sd15
     from configs.sd_unets import UNETS
     from experiments.meta_train import adapter_config
     from metalora.lora import inject, split_roles
     from metalora.models.unet import UNet2DConditionModel, UNetConfig
 
-    config = meta_lora_sd15.get_config("")
+    config = importlib.import_module(f"configs.meta_lora_{name}").get_config("")
 
     def build():
-        unet = UNet2DConditionModel(UNetConfig.from_diffusers(UNETS["sd15"]), rngs=nnx.Rngs(0))
+        unet = UNet2DConditionModel(UNetConfig.from_diffusers(UNETS[name]), rngs=nnx.Rngs(0))
         inject(unet, adapter_config(config), key=jax.random.key(0))
         return unet
 
     _, base, meta, head = split_roles(nnx.eval_shape(build))
     count = lambda state: sum(x.size for x in jax.tree.leaves(state))
-    assert (count(base), count(meta), count(head)) == (859_520_964, 397_824, 1_605_632)
-    assert config.meta.num_heads == 64 and round(64 * 12 * count(head) / 1e9, 2) == 1.23  # f32 + two Adam moments
+    assert (count(base), count(meta), count(head)) == counts
+    assert config.meta.num_heads == heads and round(heads * 12 * count(head) / 1e9, 2) == gigabytes

@@ -60,12 +60,12 @@ def build_method(name: str, config: ml_collections.ConfigDict, model: bm.BaseMod
                                        mid_rank=lc.mid_rank, alpha=lc.alpha or None, meta_down=meta_down,
                                        key=jax.random.key(config.seed))
     if name == "dreambooth":
-        prior_images = prior_context = None
+        prior_images = prior_prompt = None
         if mc.prior_weight > 0 and mc.prior_images > 0:
-            prior_images, prior_context = class_images(model, params, mc.prior_images, config.seed,
+            prior_images, prior_prompt = class_images(model, params, mc.prior_images, config.seed,
                                                        config.sample.num_inference_steps, config.sample.guidance_scale)
         return methods_lib.dreambooth_method(model, params, example_loss, prior_images=prior_images,
-                                             prior_context=prior_context, prior_weight=mc.prior_weight)
+                                             prior_prompt=prior_prompt, prior_weight=mc.prior_weight)
     if name == "textual_inversion":
         return methods_lib.textual_inversion_method(model, params, example_loss)
     if name == "stacked_id":
@@ -113,14 +113,14 @@ def megaportrait_method(config: ml_collections.ConfigDict, model: bm.BaseModel, 
 
 
 def class_images(model: bm.BaseModel, params: bm.BaseParams, n: int, seed: int, num_inference_steps: int,
-                 guidance_scale: float) -> tuple[jax.Array, jax.Array]:
+                 guidance_scale: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DreamBooth's prior-preservation set: ``n`` base-model samples of the bare class prompt in the UNet's space
-    (photos in [-1, 1], or their VAE latents), and the prompt's embedding per image."""
+    (photos in [-1, 1], or their VAE latents), and the prompt's ``bm.encode_prompt`` entries per image."""
     prompt = protocol.class_word_prompts(identifier="")[0].text
     ids = jnp.asarray(model.tokenize([prompt] * n))
     images = bm.sample_from_ids(model, params, ids, jax.random.split(jax.random.key(seed + 99), n),
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    return bm.encode_images(model, params, images * 2.0 - 1.0), bm.encode_text(model, params["text_encoder"], ids)
+    return bm.encode_images(model, params, images * 2.0 - 1.0), bm.encode_prompt(model, params["text_encoder"], ids)
 
 
 def choose_tests(config: ml_collections.ConfigDict, source_meta) -> tuple[protocol.TestIdentity, ...]:

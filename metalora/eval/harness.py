@@ -42,7 +42,7 @@ from metalora.eval import metrics as M
 from metalora.eval import probes as P
 from metalora.eval.faces import FaceEmbeddings, face_sim_from_face_embeddings
 from metalora.eval.methods import Method
-from metalora.meta.inner import InnerLoopConfig, inner_optimizer, optimize
+from metalora.meta.inner import InnerLoopConfig, inner_optimizer, optimize, unflipped
 from metalora.meta.personalize import encode_shots
 from metalora.models import base_model as bm
 
@@ -128,7 +128,7 @@ def load_subjects(model: bm.BaseModel, text_params: Any, source, tests: Sequence
     shot_photos, heldout_photos = refs["images"], held["images"]
     shots = {**refs, **encode(refs)}
     held = {**held, **encode(held)}
-    del held["input_ids_flipped"], held["context_flipped"]  # held-out photos are never flipped
+    held = unflipped(held)  # held-out photos are never flipped
     prompts = tuple(tuple(t.prompts[:num_prompts]) for t in tests)
     texts = [[p.text for p in ps for _ in range(seeds_per_prompt)] for ps in prompts]
     prompt_ids = jnp.asarray(np.stack([model.tokenize(t) for t in texts]))

@@ -136,11 +136,12 @@ def lora_method(name: str, model: bm.BaseModel, params: bm.BaseParams, example_l
 
 
 def dreambooth_method(model: bm.BaseModel, params: bm.BaseParams, example_loss: ExampleLoss, *,
-                      prior_images: jax.Array | None = None, prior_context: jax.Array | None = None,
+                      prior_images: jax.Array | None = None, prior_prompt: Mapping[str, jax.Array] | None = None,
                       prior_weight: float = 1.0) -> Method:
     """Full UNet fine-tuning. With ``prior_images`` (class images drawn by the base model for the class prompt,
-    ``prior_context`` their prompt embeddings), each step adds ``prior_weight`` × the denoising loss on one of
-    them (DreamBooth's prior preservation, which keeps the class from collapsing onto the subject)."""
+    ``prior_prompt`` their prompt's ``bm.encode_prompt`` entries, one row per image), each step adds
+    ``prior_weight`` × the denoising loss on one of them (DreamBooth's prior preservation, which keeps the class
+    from collapsing onto the subject)."""
     with_prior = prior_images is not None and prior_weight > 0
 
     def init(k):
@@ -155,7 +156,7 @@ def dreambooth_method(model: bm.BaseModel, params: bm.BaseParams, example_loss: 
             return subject_loss(unet, batch, k)
         k_pick, k_noise = jax.random.split(jax.random.fold_in(k, 1))
         i = jax.random.randint(k_pick, (1,), 0, prior_images.shape[0])
-        prior = {"images": prior_images[i], "context": prior_context[i]}
+        prior = {"images": prior_images[i], **{name: value[i] for name, value in prior_prompt.items()}}
         return subject_loss(unet, batch, k) + prior_weight * subject_loss(unet, prior, k_noise)
 
     def sampling_params(unet):
@@ -183,7 +184,11 @@ def with_token_row(text_params: nnx.State, token: int, row: jax.Array) -> nnx.St
 
 def _token_ids(model: bm.BaseModel, *words: str) -> list[int]:
     """The id of each word, which must be one token of the base's tokenizer (a word of the world's vocabulary, or
-    one BPE token of a CLIP tokenizer, e.g. SD's ``sks``)."""
+    one BPE token of a CLIP tokenizer, e.g. SD's ``sks``). A base with two text encoders (SDXL) is refused: a new
+    word would be a row of each encoder's token table, which these methods do not learn."""
+    if model.xl:
+        raise ValueError("textual_inversion and attn_dreambooth learn one token embedding of one text encoder; an SDXL "
+                         "base has two: leave them out of config.methods for it")
     out = []
     for word in words:
         try:

@@ -24,6 +24,7 @@ from flax import nnx
 
 from metalora.diffusion import NoiseSchedule, diffusion_loss, loss_weights, training_inputs
 from metalora.lora.roles import merge_roles
+from metalora.models.unet import added_conditions
 
 FLIPPED = "_flipped"  # suffix of a shot entry that belongs to the mirrored image
 STEP = "step"  # minibatch entry added by ``optimize``: the index of the optimiser step (a scalar)
@@ -85,7 +86,7 @@ def sample_minibatch(shots: Mapping[str, jax.Array], key: jax.Array, config: Inn
     k_pick, k_flip, k_shift = jax.random.split(key, 3)
     num_shots = shots["images"].shape[0]
     index = jax.random.randint(k_pick, (config.batch_size,), 0, num_shots)
-    batch = {name: value[index] for name, value in shots.items() if not name.endswith(FLIPPED)}
+    batch = {name: value[index] for name, value in unflipped(shots).items()}
     if config.flip:
         flip = jax.random.bernoulli(k_flip, 0.5, (config.batch_size,))
         batch["images"] = jnp.where(flip[:, None, None, None], batch["images"][:, :, ::-1], batch["images"])
@@ -96,6 +97,11 @@ def sample_minibatch(shots: Mapping[str, jax.Array], key: jax.Array, config: Inn
     if config.max_shift:
         batch["images"] = _random_shift(batch["images"], k_shift, config.max_shift)
     return batch
+
+
+def unflipped(shots: Mapping[str, Any]) -> dict[str, Any]:
+    """``shots`` without the mirrored images' entries (``X_flipped``): held-out photos are evaluated as they are."""
+    return {name: value for name, value in shots.items() if not name.endswith(FLIPPED)}
 
 
 def _random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
@@ -169,14 +175,15 @@ def adapt_subjects(example_loss: ExampleLoss, graphdef: nnx.GraphDef, base: nnx.
 
 
 def diffusion_example_loss(schedule: NoiseSchedule, *, min_snr_gamma: float | None = None) -> ExampleLoss:
-    """Denoising loss of a conditional UNet on ``batch = {"images": (b,H,W,C), "context": (b,L,D)}``.
+    """Denoising loss of a conditional UNet on ``batch = {"images": (b,H,W,C), "context": (b,L,D)}`` (for SDXL
+    also ``text_embeds`` and ``time_ids``, its added conditions).
 
     The noise, timesteps and target follow the schedule's prediction type; ``min_snr_gamma`` turns on
     Min-SNR-γ weighting.
     """
     def loss(model: nnx.Module, batch: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
         x_t, t, target = training_inputs(schedule, key, batch["images"])
-        pred = model(x_t, t, batch["context"])
+        pred = model(x_t, t, batch["context"], added_conditions(batch))
         return diffusion_loss(pred, target, loss_weights(schedule, t, min_snr_gamma))
 
     return loss

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from metalora.lora import LoRAConfig, inject, split_roles
+from metalora.meta.inner import FLIPPED
 from metalora.models import base_model as bm
 from metalora.train.io import atomic_write_text, load_states, save_states
 
@@ -46,17 +47,19 @@ def attach_adapters(model: bm.BaseModel, params: bm.BaseParams, config: LoRAConf
 
 def encode_shots(model: bm.BaseModel, text_params: Any, shots: Mapping[str, jax.Array],
                  vae_params: Any = None) -> dict[str, jax.Array]:
-    """Shots with token ids → shots with text embeddings (``context``, and ``context_flipped`` if ids given) and
+    """Shots with token ids → shots with text embeddings (``context``, and ``context_flipped`` if ids given; for an
+    SDXL base also ``text_embeds`` and ``time_ids``, see ``bm.encode_prompt``) and
     images in the UNet's space: photos in [-1, 1] for a pixel model, scaled VAE latents (``bm.encode_images``,
     with ``vae_params``) for a latent one."""
     if model.latent and vae_params is None:
         raise ValueError("encode_shots: the base model draws VAE latents; pass vae_params (params['vae'])")
     out = {"images": bm.encode_images(model, {"vae": vae_params}, shots["images"])}
-    for ids_key, ctx_key in (("input_ids", "context"), ("input_ids_flipped", "context_flipped")):
+    for ids_key, suffix in (("input_ids", ""), ("input_ids" + FLIPPED, FLIPPED)):
         if ids_key in shots:
             ids = shots[ids_key]
-            flat = bm.encode_text(model, text_params, ids.reshape(-1, ids.shape[-1]))
-            out[ctx_key] = flat.reshape(*ids.shape[:-1], *flat.shape[1:])
+            cond = bm.encode_prompt(model, text_params, ids.reshape(-1, ids.shape[-1]))
+            for name, flat in cond.items():
+                out[name + suffix] = flat.reshape(*ids.shape[:-1], *flat.shape[1:])
     return out
 
 

@@ -52,10 +52,16 @@ from metalora.diffusion import (
     training_inputs,
 )
 from metalora.models import convert
-from metalora.models.clip import CLIPTextConfig, CLIPTextModel, load_clip_text_model, small_clip_config
+from metalora.models.clip import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    load_clip_text_model,
+    small_clip_config,
+)
 from metalora.models.loading import load_unet
-from metalora.models.tokenizers import DEFAULT_RARE_TOKENS, WordTokenizer
-from metalora.models.unet import UNet2DConditionModel, UNetConfig
+from metalora.models.tokenizers import DEFAULT_RARE_TOKENS, TokenizerPair, WordTokenizer
+from metalora.models.unet import UNet2DConditionModel, UNetConfig, added_conditions
 from metalora.models.vae import AutoencoderKL, AutoencoderKLConfig, decode_to_unit_range, scaled_mean_latents
 from metalora.train.io import atomic_write_bytes, atomic_write_text
 
@@ -70,17 +76,20 @@ __all__ = [
     "decode_images",
     "denoise",
     "encode_images",
+    "encode_prompt",
     "encode_text",
     "init_base_params",
     "load_base_model",
     "load_pixel_base",
     "load_stable_diffusion_base",
+    "micro_conditioning",
     "sample",
     "sample_from_ids",
     "save_base_model",
     "tiny_unet_config",
     "to_unit_images",
     "token_embeddings",
+    "unconditional_prompt",
     "world_tokenizer",
 ]
 
@@ -173,13 +182,22 @@ class BaseModelConfig:
     tokenizer: Mapping[str, Any]  # WordTokenizer.to_dict(); {} when the model brings its own (a CLIP tokenizer)
     scheduler: Mapping[str, Any]  # NoiseSchedule.to_config()
     vae: AutoencoderKLConfig | None = None  # a latent-space model (Stable Diffusion); None: the UNet draws pixels
+    # SDXL: the second text encoder (with projection: its pooled output is the UNet's ``text_embeds``); the UNet
+    # attends to both encoders' hidden states side by side and reads micro-conditioning ``time_ids``.
+    text_encoder_2: CLIPTextConfig | None = None
+    zero_uncond: bool = False  # SDXL's force_zeros_for_empty_prompt: the unconditional branch is all zeros
 
     def __post_init__(self):
-        if self.unet.per_block("cross_attention_dim")[0] != self.text_encoder.hidden_size:
+        text_width = self.text_encoder.hidden_size + (self.text_encoder_2.hidden_size if self.xl else 0)
+        if self.unet.per_block("cross_attention_dim")[0] != text_width:
             raise ValueError(
                 f"BaseModelConfig: unet.cross_attention_dim={self.unet.cross_attention_dim} must equal the text "
-                f"encoder's hidden_size={self.text_encoder.hidden_size} (the UNet attends to its hidden states)"
+                f"encoders' hidden size ({text_width}; the UNet attends to their hidden states)"
             )
+        if self.xl != (self.unet.addition_embed_type == "text_time"):
+            raise ValueError("BaseModelConfig: a second text encoder goes with an SDXL UNet (addition_embed_type="
+                             f"'text_time') and only with one; got addition_embed_type="
+                             f"{self.unet.addition_embed_type!r} and {'a' if self.xl else 'no'} second text encoder")
         if self.unet.in_channels != self.unet.out_channels:
             raise ValueError("BaseModelConfig: the UNet must predict in its input space (in_channels == "
                              f"out_channels), got {self.unet.in_channels} → {self.unet.out_channels}")
@@ -194,6 +212,10 @@ class BaseModelConfig:
         if vocab and vocab != self.text_encoder.vocab_size:
             raise ValueError(f"BaseModelConfig: tokenizer has {vocab} tokens but text_encoder.vocab_size="
                              f"{self.text_encoder.vocab_size}")
+
+    @property
+    def xl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @classmethod
     def create(cls, *, resolution: int = 32, unet: UNetConfig | None = None, text_hidden_size: int = 128,
@@ -261,6 +283,8 @@ class BaseModel:
         self.unet_def = nnx.graphdef(nnx.eval_shape(
             lambda: _build_unet(config.unet, key, attention_backend, compute_dtype, remat)))
         self.text_def = nnx.graphdef(nnx.eval_shape(lambda: _build_text(config.text_encoder, key)))
+        self.text_def_2 = None if config.text_encoder_2 is None else nnx.graphdef(nnx.eval_shape(
+            lambda: CLIPTextModelWithProjection(config.text_encoder_2, rngs=nnx.Rngs(key))))
         self.vae_def = (None if config.vae is None else nnx.graphdef(nnx.eval_shape(
             lambda: AutoencoderKL(config.vae, attention_backend=attention_backend, rngs=nnx.Rngs(0)))))
         self.attention_backend = attention_backend
@@ -278,6 +302,11 @@ class BaseModel:
         return self.vae_def is not None
 
     @property
+    def xl(self) -> bool:
+        """An SDXL base: two text encoders (``params["text_encoder"]`` holds both), pooled text and size ids."""
+        return self.config.xl
+
+    @property
     def image_resolution(self) -> int:
         """Side of the images the model is trained on and draws (the VAE's factor times ``resolution``)."""
         return self.resolution * (self.config.vae.downsample_factor if self.latent else 1)
@@ -290,6 +319,9 @@ class BaseModel:
         return nnx.merge(self.unet_def, params["unet"])
 
     def text_encoder(self, params: BaseParams) -> CLIPTextModel:
+        if self.xl:
+            raise ValueError("an SDXL base has two text encoders: params['text_encoder'] holds 'text_encoder' and "
+                             "'text_encoder_2'")
         return nnx.merge(self.text_def, params["text_encoder"])
 
     def __repr__(self) -> str:
@@ -311,29 +343,73 @@ def init_base_params(model: BaseModel, key: jax.Array) -> BaseParams:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def apply_unet(unet_def: nnx.GraphDef, unet_params: Any, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
-    """The UNet's prediction for NHWC ``x`` at timesteps ``t`` given text hidden states ``context`` (a ModelFn once
-    ``unet_def`` is bound)."""
-    return nnx.merge(unet_def, unet_params)(x, t, context)
+def apply_unet(unet_def: nnx.GraphDef, unet_params: Any, x: jax.Array, t: jax.Array,
+               context: jax.Array | Mapping[str, jax.Array]) -> jax.Array:
+    """The UNet's prediction for NHWC ``x`` at timesteps ``t`` (a ModelFn once ``unet_def`` is bound). ``context``:
+    text hidden states (B, L, D), or an ``encode_prompt`` dict (its ``context`` plus SDXL's added conditions)."""
+    unet = nnx.merge(unet_def, unet_params)
+    if isinstance(context, Mapping):
+        return unet(x, t, context["context"], added_conditions(context))
+    return unet(x, t, context)
 
 
 def encode_text(model: BaseModel, text_params: Any, input_ids: jax.Array,
                 inputs_embeds: jax.Array | None = None) -> jax.Array:
-    """(B, L, D) prompt embeddings: the CLIP tower's ``last_hidden_state``, as SD-1.x conditions its UNet.
-    ``inputs_embeds`` (B, L, D_token) replaces the token lookup (soft tokens; see ``token_embeddings``)."""
+    """(B, L, D) prompt embeddings: the CLIP tower's ``last_hidden_state``, as SD-1.x conditions its UNet (SDXL:
+    both towers' penultimate hidden states side by side, see ``encode_prompt``). ``inputs_embeds`` (B, L, D_token)
+    replaces the token lookup (soft tokens; see ``token_embeddings``; one text encoder only)."""
+    if model.xl:
+        if inputs_embeds is not None:
+            raise ValueError("encode_text: soft tokens (inputs_embeds) need one text encoder; an SDXL base has two")
+        return _xl_text_features(model, text_params, input_ids)[0]
     tower = nnx.merge(model.text_def, text_params)
     return tower(jnp.asarray(input_ids, jnp.int32), inputs_embeds=inputs_embeds).last_hidden_state
 
 
+def _xl_text_features(model: BaseModel, text_params: Any, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """SDXL's prompt features as its pipeline computes them: the penultimate hidden states of both encoders (no
+    final norm) concatenated along features, and the second encoder's projected pooled output."""
+    first, second = model.tokenizer.split(jnp.asarray(input_ids, jnp.int32))
+    one = nnx.merge(model.text_def, text_params["text_encoder"])(first)
+    two = nnx.merge(model.text_def_2, text_params["text_encoder_2"])(second)
+    return jnp.concatenate([one.hidden_states[-2], two.hidden_states[-2]], axis=-1), two.text_embeds
+
+
+def micro_conditioning(model: BaseModel, batch: int) -> jax.Array:
+    """SDXL's ``time_ids`` (B, 6) for the base's own square images, uncropped: (H, W, 0, 0, H, W), what diffusers'
+    SDXL pipeline passes by default and its training scripts record for an uncropped photo of that size."""
+    size = float(model.image_resolution)
+    return jnp.tile(jnp.asarray([[size, size, 0.0, 0.0, size, size]], jnp.float32), (batch, 1))
+
+
+def encode_prompt(model: BaseModel, text_params: Any, input_ids: jax.Array) -> dict[str, jax.Array]:
+    """Everything the UNet reads of a prompt, as a dict: ``context`` (B, L, D) and, for an SDXL base, the added
+    conditions ``text_embeds`` (B, P) and ``time_ids`` (B, 6) (``micro_conditioning``)."""
+    if not model.xl:
+        return {"context": encode_text(model, text_params, input_ids)}
+    hidden, pooled = _xl_text_features(model, text_params, input_ids)
+    return {"context": hidden, "text_embeds": pooled, "time_ids": micro_conditioning(model, hidden.shape[0])}
+
+
+def unconditional_prompt(model: BaseModel, text_params: Any, batch: int) -> dict[str, jax.Array]:
+    """The classifier-free guidance branch: the empty prompt encoded, or all zeros (size ids kept) for an SDXL
+    base saved with ``force_zeros_for_empty_prompt``, as its pipeline does."""
+    empty = jnp.broadcast_to(jnp.asarray(model.empty_ids)[None], (batch, model.empty_ids.shape[-1]))
+    cond = encode_prompt(model, text_params, empty)
+    if model.config.zero_uncond:
+        return {k: v if k == "time_ids" else jnp.zeros_like(v) for k, v in cond.items()}
+    return cond
+
+
 def token_embeddings(model: BaseModel, text_params: Any, input_ids: jax.Array) -> jax.Array:
     """(..., D) rows of the text encoder's token table: what ``encode_text`` feeds its first layer for these ids."""
-    return nnx.merge(model.text_def, text_params).text_model.embeddings.token_embedding(jnp.asarray(input_ids,
-                                                                                                     jnp.int32))
+    return model.text_encoder({"text_encoder": text_params}).text_model.embeddings.token_embedding(
+        jnp.asarray(input_ids, jnp.int32))
 
 
 def denoise(model: BaseModel, params: BaseParams, x_t: jax.Array, t: jax.Array, input_ids: jax.Array) -> jax.Array:
     """Prediction (per the schedule's ``prediction_type``) for noisy images and token ids, text encoded inside."""
-    return apply_unet(model.unet_def, params["unet"], x_t, t, encode_text(model, params["text_encoder"], input_ids))
+    return apply_unet(model.unet_def, params["unet"], x_t, t, encode_prompt(model, params["text_encoder"], input_ids))
 
 
 def drop_captions(model: BaseModel, key: jax.Array, input_ids: jax.Array, prob: float) -> tuple[jax.Array, jax.Array]:
@@ -409,9 +485,8 @@ def sample_from_ids(
     Returns images (B, H, W, C) in [0, 1] (decoded by the VAE for a latent model: ``params`` then holds ``"vae"``).
     Image b depends only on (prompt b, key b), so adding prompts to a batch does not change the other images.
     """
-    cond = encode_text(model, params["text_encoder"], input_ids)
-    empty = jnp.broadcast_to(jnp.asarray(model.empty_ids)[None], input_ids.shape)
-    uncond = encode_text(model, params["text_encoder"], empty)
+    cond = encode_prompt(model, params["text_encoder"], input_ids)
+    uncond = unconditional_prompt(model, params["text_encoder"], input_ids.shape[0])
     noise = initial_noise(keys, model.sample_shape)
     x0 = ddim_sample(model.unet_fn, params["unet"], model.schedule, noise, cond, uncond,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, keys=keys)
@@ -537,33 +612,37 @@ def _diffusers_class(path: pathlib.Path) -> str | None:
 
 def load_stable_diffusion_base(path: str | pathlib.Path, *, attention_backend: str = "auto",
                                compute_dtype: str = "float32", remat: bool = False) -> tuple[BaseModel, BaseParams]:
-    """A diffusers ``StableDiffusionPipeline`` folder (SD-1.x/2.x) as a personalization base: its UNet, CLIP text
-    encoder (last hidden state, as the pipeline conditions), CLIP tokenizer, scheduler and VAE; the UNet works in
-    the VAE's scaled latent space (``encode_images`` / ``decode_images``). Only safetensors are read.
-
-    SDXL is refused: its UNet also needs pooled text embeddings and micro-conditioning time ids, which the
-    personalization losses do not produce yet (``metalora.models.pipeline`` samples it)."""
-    from metalora.models.pipeline import SD, load_pipeline
+    """A diffusers ``StableDiffusionPipeline`` (SD-1.x/2.x) or ``StableDiffusionXLPipeline`` folder as a
+    personalization base: its UNet, text encoder(s), tokenizer(s), scheduler and VAE; the UNet works in the VAE's
+    scaled latent space (``encode_images`` / ``decode_images``). SD conditions on the CLIP tower's last hidden
+    state; SDXL on both towers' penultimate hidden states, the second's pooled projection and size ids
+    (``encode_prompt``), with ``params["text_encoder"] = {"text_encoder": ..., "text_encoder_2": ...}``. Only
+    safetensors are read."""
+    from metalora.models.pipeline import SDXL, load_pipeline
 
     pipe = load_pipeline(path, attention_backend=attention_backend)  # reads and cross-checks every component
-    if pipe.pipeline_class != SD:
-        raise ValueError(f"{path}: a {pipe.pipeline_class} cannot be a personalization base yet; supported: {SD} "
-                         "(SD-1.x/2.x: one CLIP text encoder, no added conditioning)")
-    if pipe.unet.config.addition_embed_type:  # (class embeddings are refused by UNetConfig itself)
+    xl = pipe.pipeline_class == SDXL
+    if pipe.unet.config.addition_embed_type and not xl:  # (class embeddings are refused by UNetConfig itself)
         raise ValueError(f"{path}/unet: added conditioning (addition_embed_type="
                          f"{pipe.unet.config.addition_embed_type!r}) is not supported for a personalization base")
     height, width = pipe.default_size
     if height != width:
         raise ValueError(f"{path}/unet: sample size {height}×{width} px; a personalization base is square")
-    (text,), (tokenizer,), vae = pipe.text_encoders, pipe.tokenizers, pipe.vae
+    vae = pipe.vae
+    if xl:
+        (text, text_2), tokenizer = pipe.text_encoders, TokenizerPair(*pipe.tokenizers)
+        text_params = {"text_encoder": nnx.state(text, nnx.Param), "text_encoder_2": nnx.state(text_2, nnx.Param)}
+    else:
+        (text,), (tokenizer,), text_2 = pipe.text_encoders, pipe.tokenizers, None
+        text_params = nnx.state(text, nnx.Param)
     config = BaseModelConfig(resolution=height // pipe.vae_scale_factor, unet=pipe.unet.config,
                              text_encoder=text.config, tokenizer={}, scheduler=pipe.schedule.to_config(),
-                             vae=vae.config)
+                             vae=vae.config, text_encoder_2=None if text_2 is None else text_2.config,
+                             zero_uncond=xl and pipe.force_zeros_for_empty_prompt)
     model = BaseModel(config, attention_backend=attention_backend, tokenizer=tokenizer, compute_dtype=compute_dtype,
                       remat=remat)
-    params = {"unet": nnx.state(pipe.unet, nnx.Param), "text_encoder": nnx.state(text, nnx.Param),
-              "vae": nnx.state(vae, nnx.Param)}
-    return model, params
+    return model, {"unet": nnx.state(pipe.unet, nnx.Param), "text_encoder": text_params,
+                   "vae": nnx.state(vae, nnx.Param)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

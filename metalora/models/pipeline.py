@@ -49,7 +49,7 @@ from metalora.models import convert
 from metalora.models.clip import CLIPTextModel, CLIPTextModelWithProjection, load_clip_text_model
 from metalora.models.loading import load_unet
 from metalora.models.tokenizers import HFCLIPTokenizer
-from metalora.models.unet import UNet2DConditionModel
+from metalora.models.unet import UNet2DConditionModel, added_conditions
 from metalora.models.vae import AutoencoderKL, decode_to_unit_range, latent_cache, load_vae
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ def unet_apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, t: jax.A
                cond: Mapping[str, jax.Array]) -> jax.Array:
     """The sampler's ``model_fn``: NHWC latents, (B,) timesteps and a cond dict → the UNet's prediction."""
     unet = nnx.merge(graphdef, params)
-    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond} or None
-    return unet(x, t, cond["encoder_hidden_states"], added_cond_kwargs=added)
+    return unet(x, t, cond["encoder_hidden_states"], added_cond_kwargs=added_conditions(cond))
 
 
 @functools.partial(jit, static_argnames=("graphdef", "layer", "final_norm"))

@@ -7,6 +7,9 @@
 * ``HFCLIPTokenizer``: transformers' ``CLIPTokenizer`` from a Stable Diffusion folder's ``tokenizer/``, padded
   and truncated to ``model_max_length`` exactly as the diffusers pipelines do.
 
+* ``TokenizerPair``: SDXL's two CLIP tokenizers for its two text encoders, their ids side by side in one row
+  (``split`` takes them apart), so batches, shots and minibatches carry one ``input_ids`` array as for SD-1.x.
+
 Both lay a prompt out as CLIP does: ``<|startoftext|> w1 … wn <|endoftext|> pad…``, padding with the EOS id
 unless a separate pad token is configured, so the CLIP encoder's EOS pooling finds the first EOS.
 """
@@ -277,3 +280,33 @@ class HFCLIPTokenizer:
         if len(ids) != 1:
             raise ValueError(f"{word!r} is {len(ids)} tokens for this CLIP tokenizer, not one")
         return int(ids[0])
+
+
+class TokenizerPair:
+    """Two tokenizers of one prompt (SDXL: CLIP ViT-L's and OpenCLIP bigG's, which pad differently): ``tokenize``
+    returns (B, L1 + L2) ids, the first tokenizer's row followed by the second's, and ``split`` undoes it on any
+    leading axes. One array keeps every batch, shot and minibatch code path the same as for one text encoder."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+        self.max_length = int(first.max_length) + int(second.max_length)
+        self.vocab_size = first.vocab_size  # SDXL's two CLIP tokenizers share one BPE vocabulary (49408 tokens)
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        return np.concatenate([self.first.tokenize(texts), self.second.tokenize(texts)], axis=-1)
+
+    __call__ = tokenize
+
+    def split(self, ids):
+        """(..., L1 + L2) → ((..., L1), (..., L2)) ids of the first and the second tokenizer."""
+        if ids.shape[-1] != self.max_length:
+            raise ValueError(f"TokenizerPair.split: ids have {ids.shape[-1]} positions, expected "
+                             f"{self.first.max_length} + {self.second.max_length}")
+        return ids[..., :self.first.max_length], ids[..., self.first.max_length:]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self.first.decode(self.split(np.asarray(ids))[0])
+
+    def single_token_id(self, word: str) -> int:
+        raise ValueError("a token of its own is per tokenizer; with two text encoders (SDXL) it would be two tokens "
+                         "to learn, which the token-embedding methods do not support")

@@ -372,6 +372,15 @@ class UNet2DConditionModel(nnx.Module):
         return skips, mid + mid_residual.astype(mid.dtype)
 
 
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
+
+
+def added_conditions(cond: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``added_cond_kwargs`` in a conditioning dict (SDXL's pooled ``text_embeds`` and size/crop ``time_ids``),
+    or None when it holds neither: what ``UNet2DConditionModel.__call__`` takes next to the hidden states."""
+    return {k: cond[k] for k in ADDED_CONDITIONS if k in cond} or None
+
+
 def count_params(model_or_state: Any) -> int:
     """Number of scalar parameters of a model or state (works on abstract ``nnx.eval_shape`` models too)."""
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
