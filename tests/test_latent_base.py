@@ -14,14 +14,24 @@ diffusers = pytest.importorskip("diffusers")
 from _tiny_sd import build_sd, build_sdxl  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd") / "pipeline"
-    pipe = build_sd(folder)
+def _tiny_folder(tmp_path_factory, build):
+    """(folder, diffusers pipeline, our (model, params)) of a tiny random pipeline written by ``build``."""
+    folder = tmp_path_factory.mktemp("pipeline") / "pipeline"
+    pipe = build(folder)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny references: one thread avoids oversubscribing a 2-core machine
     yield folder, pipe, bm.load_base(str(folder))
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    yield from _tiny_folder(tmp_path_factory, build_sd)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    yield from _tiny_folder(tmp_path_factory, build_sdxl)
 
 
 def _nchw(x) -> torch.Tensor:
@@ -61,12 +71,15 @@ def test_images_to_latents_and_back_match_diffusers(sd):
     np.testing.assert_allclose(images, _nhwc(decoded), atol=1e-4)
 
 
-def test_base_sampler_on_latents_equals_the_sd_pipeline(sd):
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_base_sampler_on_latents_equals_the_pipeline(kind, request):
     """``bm.sample_from_ids`` (DDIM + CFG, VAE decode) = ``Pipeline.sample`` from the same keys, which is itself
-    held to diffusers' StableDiffusionPipeline in test_pipeline.py."""
+    held to diffusers' pipelines in test_pipeline.py; SDXL with its zeroed unconditional branch
+    (force_zeros_for_empty_prompt, diffusers' default)."""
     from metalora.models.pipeline import load_pipeline
 
-    folder, _, (model, params) = sd
+    folder, _, (model, params) = request.getfixturevalue(kind)
+    assert model.config.zero_uncond == (kind == "sdxl")
     prompts = ["a photo of sks", "photo of a cat, sks"]
     keys = jax.random.split(jax.random.key(3), 2)
     ours = bm.sample_from_ids(model, params, jnp.asarray(model.tokenize(prompts)), keys, num_inference_steps=4,
@@ -76,36 +89,34 @@ def test_base_sampler_on_latents_equals_the_sd_pipeline(sd):
     np.testing.assert_allclose(ours, reference, atol=1e-5)
 
 
-def test_meta_train_and_adapt_on_a_stable_diffusion_folder(sd, tmp_path):
-    """The procedural world's photos (32 px) as VAE latents: D meta-trained, two subjects adapted, their LoRAs
-    exported in the diffusers format and loaded by diffusers' own pipeline."""
-    from configs import meta_lora_tiny
+@pytest.mark.parametrize("kind, config_name, config_arg, pipeline_class", [
+    ("sd", "meta_lora_tiny", "smoke", "StableDiffusionPipeline"),
+    ("sdxl", "meta_lora_sdxl", "tiny", "StableDiffusionXLPipeline"),  # configs/meta_lora_sdxl.py at test size
+])
+def test_meta_train_and_adapt_on_a_stable_diffusion_folder(kind, config_name, config_arg, pipeline_class, tmp_path,
+                                                           request):
+    """The procedural world's photos (32 px) as VAE latents: D meta-trained, two subjects adapted (for SDXL the
+    held-out loss reads the added conditions), their LoRAs exported in the diffusers format and loaded by diffusers'
+    own pipeline."""
+    import importlib
+
+    from PIL import Image
+
     from experiments import adapt, meta_train
 
-    folder, _, _ = sd
-    config = meta_lora_tiny.get_config("smoke")
+    folder, _, _ = request.getfixturevalue(kind)
+    config = importlib.import_module(f"configs.{config_name}").get_config(config_arg)
     config.base.path = str(folder)
     trained = meta_train.main(config, tmp_path)
     assert trained["finished"] and np.isfinite(trained["final_metrics"]["train/loss"])
     adapted = adapt.main(config, tmp_path)
     assert np.isfinite(adapted["heldout_loss_after"]).all() and len(adapted["exports"]) == 2
-    from PIL import Image
-
     grid = np.asarray(Image.open(adapted["samples"]))
     assert grid.shape[0] >= 2 * 32  # two subjects' rows of 32 px images (pixels, not 16 px latents)
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
-    pipe.load_lora_weights(adapted["exports"][0])  # the subject's LoRA loads into the real SD pipeline
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(str(folder), **(
+        {"safety_checker": None} if kind == "sd" else {}))
+    pipe.load_lora_weights(adapted["exports"][0])  # the subject's LoRA loads into the real pipeline
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl") / "pipeline"
-    pipe = build_sdxl(folder)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield folder, pipe, bm.load_base(str(folder))
-    torch.set_num_threads(previous)
 
 
 def test_an_sdxl_folder_conditions_its_unet_as_diffusers_does(sdxl):
@@ -130,38 +141,6 @@ def test_an_sdxl_folder_conditions_its_unet_as_diffusers_does(sdxl):
                              added_cond_kwargs={"text_embeds": pooled,
                                                 "time_ids": torch.from_numpy(np.asarray(cond["time_ids"]))}).sample
     np.testing.assert_allclose(bm.denoise(model, params, x, t, ids), _nhwc(expected), atol=1e-4)
-
-
-def test_base_sampler_on_an_sdxl_folder_equals_the_sdxl_pipeline(sdxl):
-    """With SDXL's zeroed unconditional branch (force_zeros_for_empty_prompt, diffusers' default)."""
-    from metalora.models.pipeline import load_pipeline
-
-    folder, _, (model, params) = sdxl
-    assert model.config.zero_uncond
-    prompts = ["a photo of sks", "photo of a cat, sks"]
-    keys = jax.random.split(jax.random.key(3), 2)
-    ours = bm.sample_from_ids(model, params, jnp.asarray(model.tokenize(prompts)), keys, num_inference_steps=4,
-                              guidance_scale=2.5)
-    reference = load_pipeline(folder).sample(prompts, keys=keys, num_inference_steps=4, guidance_scale=2.5)
-    np.testing.assert_allclose(ours, reference, atol=1e-5)
-
-
-def test_the_sdxl_config_meta_trains_and_adapts_on_an_sdxl_folder(sdxl, tmp_path):
-    """configs/meta_lora_sdxl.py at test size: D meta-trained, two subjects adapted (held-out loss measured with the
-    added conditions), their LoRAs exported and loaded by diffusers' own SDXL pipeline."""
-    from configs import meta_lora_sdxl
-    from experiments import adapt, meta_train
-
-    folder, _, _ = sdxl
-    config = meta_lora_sdxl.get_config("tiny")
-    config.base.path = str(folder)
-    trained = meta_train.main(config, tmp_path)
-    assert trained["finished"] and np.isfinite(trained["final_metrics"]["train/loss"])
-    adapted = adapt.main(config, tmp_path)
-    assert np.isfinite(adapted["heldout_loss_after"]).all() and len(adapted["exports"]) == 2
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
-    pipe.load_lora_weights(adapted["exports"][0])
-    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
 def test_token_methods_refuse_an_sdxl_base_by_name(sdxl):
