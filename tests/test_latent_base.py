@@ -139,7 +139,7 @@ def test_an_sdxl_folder_conditions_its_unet_as_diffusers_does(sdxl):
     with torch.no_grad():
         expected = pipe.unet(_nchw(x), torch.from_numpy(np.array(t)), hidden,
                              added_cond_kwargs={"text_embeds": pooled,
-                                                "time_ids": torch.from_numpy(np.asarray(cond["time_ids"]))}).sample
+                                                "time_ids": torch.from_numpy(np.array(cond["time_ids"]))}).sample
     np.testing.assert_allclose(bm.denoise(model, params, x, t, ids), _nhwc(expected), atol=1e-4)
 
 
