@@ -257,7 +257,8 @@ def test_the_sd15_config_runs_meta_train_and_adapt_in_bf16_with_remat(sd, tmp_pa
 
 @pytest.mark.parametrize("name, counts, heads, gigabytes", [
     ("sd15", (859_520_964, 397_824, 1_605_632), 64, 1.23),
-    ("sdxl", (2_567_463_684, 3_143_680, 10_685_440), 16, 2.05),
+    # ~90 s to trace the abstract 2.6 B-parameter UNet with 560 adapters on 2 cores: in the slow suite
+    pytest.param("sdxl", (2_567_463_684, 3_143_680, 10_685_440), 16, 2.05, marks=pytest.mark.slow),
 ])
 def test_the_full_scale_configs_head_table_arithmetic(name, counts, heads, gigabytes):
     """The numbers in configs/meta_lora_sd15.py's and meta_lora_sdxl.py's docstrings, recounted on the abstract
