@@ -61,7 +61,7 @@ from metalora.models.clip import (
 )
 from metalora.models.loading import load_unet
 from metalora.models.tokenizers import DEFAULT_RARE_TOKENS, TokenizerPair, WordTokenizer
-from metalora.models.unet import UNet2DConditionModel, UNetConfig, added_conditions
+from metalora.models.unet import UNet2DConditionModel, UNetConfig, added_conditions, sdxl_time_ids
 from metalora.models.vae import AutoencoderKL, AutoencoderKLConfig, decode_to_unit_range, scaled_mean_latents
 from metalora.train.io import atomic_write_bytes, atomic_write_text
 
@@ -378,8 +378,8 @@ def _xl_text_features(model: BaseModel, text_params: Any, input_ids: jax.Array) 
 def micro_conditioning(model: BaseModel, batch: int) -> jax.Array:
     """SDXL's ``time_ids`` (B, 6) for the base's own square images, uncropped: (H, W, 0, 0, H, W), what diffusers'
     SDXL pipeline passes by default and its training scripts record for an uncropped photo of that size."""
-    size = float(model.image_resolution)
-    return jnp.tile(jnp.asarray([[size, size, 0.0, 0.0, size, size]], jnp.float32), (batch, 1))
+    size = (model.image_resolution, model.image_resolution)
+    return sdxl_time_ids(batch, original_size=size, target_size=size)
 
 
 def encode_prompt(model: BaseModel, text_params: Any, input_ids: jax.Array) -> dict[str, jax.Array]:

@@ -49,7 +49,7 @@ from metalora.models import convert
 from metalora.models.clip import CLIPTextModel, CLIPTextModelWithProjection, load_clip_text_model
 from metalora.models.loading import load_unet
 from metalora.models.tokenizers import HFCLIPTokenizer
-from metalora.models.unet import UNet2DConditionModel, added_conditions
+from metalora.models.unet import UNet2DConditionModel, added_conditions, sdxl_time_ids
 from metalora.models.vae import AutoencoderKL, decode_to_unit_range, latent_cache, load_vae
 
 log = logging.getLogger(__name__)
@@ -252,10 +252,8 @@ class Pipeline:
     def time_ids(self, batch: int, *, original_size: tuple[int, int], target_size: tuple[int, int],
                  crops_coords_top_left: tuple[int, int] = (0, 0), dtype=jnp.float32) -> jax.Array:
         """SDXL micro-conditioning (B, 6): (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
-        row = [*original_size, *crops_coords_top_left, *target_size]
-        if len(row) != 6:
-            raise ValueError("original_size, crops_coords_top_left and target_size must each be (h, w) pairs")
-        return jnp.tile(jnp.asarray([row], dtype), (batch, 1))
+        return sdxl_time_ids(batch, original_size=original_size, target_size=target_size,
+                             crops_coords_top_left=crops_coords_top_left, dtype=dtype)
 
     # -- images -----------------------------------------------------------------------------------------------
 

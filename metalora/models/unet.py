@@ -381,6 +381,16 @@ def added_conditions(cond: Mapping[str, Any]) -> dict[str, Any] | None:
     return {k: cond[k] for k in ADDED_CONDITIONS if k in cond} or None
 
 
+def sdxl_time_ids(batch: int, *, original_size: tuple[int, int], target_size: tuple[int, int],
+                  crops_coords_top_left: tuple[int, int] = (0, 0), dtype: Any = jnp.float32) -> jax.Array:
+    """SDXL's micro-conditioning ``time_ids`` (B, 6): (orig_h, orig_w, crop_top, crop_left, target_h, target_w),
+    each pair an (h, w) in pixels, the same row for the whole batch."""
+    row = [*original_size, *crops_coords_top_left, *target_size]
+    if len(row) != 6:
+        raise ValueError("original_size, crops_coords_top_left and target_size must each be (h, w) pairs")
+    return jnp.tile(jnp.asarray([row], dtype), (batch, 1))
+
+
 def count_params(model_or_state: Any) -> int:
     """Number of scalar parameters of a model or state (works on abstract ``nnx.eval_shape`` models too)."""
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
