@@ -142,13 +142,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.eval.target_metric = "heldout_loss"
         c.report.title = "Does it work? Held-out denoising loss vs adaptation steps, Meta-LoRA vs LoRA"
     if arg == "baselines":  # are the baselines' learning rates fair? A sweep of 3 around each default (×1/3, ×3)
-        c.methods = ("textual_inversion", "dreambooth")
+        c.methods = ("textual_inversion", "dreambooth", "attn_dreambooth")
         c.method.textual_inversion = ml_collections.ConfigDict({"learning_rate": (1.5e-3, 5e-3, 1.5e-2)})
         c.method.dreambooth = ml_collections.ConfigDict({"learning_rate": (6e-5, 2e-4, 6e-4),
                                                          "prior_weight": c.method.dreambooth.prior_weight,
                                                          "prior_images": c.method.dreambooth.prior_images})
+        # AttnDreamBooth's learning_rate scales its three stage rates together (×0.3, ×1, ×3)
+        c.method.attn_dreambooth = ml_collections.ConfigDict(
+            c.method.attn_dreambooth.to_dict() | {"learning_rate": (0.3, 1.0, 3.0)})
         c.sample.at = "final"
-        c.report.title = "Baseline learning-rate sweep (textual inversion, DreamBooth)"
+        c.report.title = "Baseline learning-rate sweep (textual inversion, DreamBooth, AttnDreamBooth)"
     if arg == "lfw":  # real photos: no attribute labels, so no probes; identity judged by a real face model
         c.base.path = "runs/base_lfw/base_model"
         c.methods = tuple(m for m in c.methods if m != "megaportrait")  # templates need the world's ground truth

@@ -180,6 +180,29 @@ def test_change_from_start_is_paired_per_identity():
     assert H.aggregate(records + once)["change_from_start"]["r_face_sim"] == {}  # so the report leaves it out
 
 
+def test_difference_from_reference_is_paired_per_cell():
+    """Identities and seeds far apart in level, meta_lora exactly 0.02 below lora in every cell after step 0: the
+    unpaired curves overlap, the paired difference is -0.02 with zero width; cells without a partner are left out."""
+    records = []
+    for i in (0, 1, 2):
+        for seed in (0, 1):
+            level = 0.3 * i + 0.1 * seed
+            for step in (0, 10):
+                records.append({"method": "lora", "identity": i, "seed": seed, "step": step, "heldout_loss": level})
+                records.append({"method": "meta_lora", "identity": i, "seed": seed, "step": step,
+                                "heldout_loss": level - (0.02 if step else 0.0)})
+    records.append({"method": "meta_lora", "identity": 9, "seed": 0, "step": 10, "heldout_loss": 5.0})  # no partner
+    diff = H.difference_from(records, "heldout_loss", "lora")
+    assert {r["method"] for r in diff} == {"meta_lora"} and len(diff) == 12
+    summary = H.aggregate(records, reference_method="lora", target_metric="heldout_loss")
+    paired = summary["vs_reference"]["curves"]["heldout_loss"]["meta_lora"]
+    assert summary["vs_reference"]["method"] == "lora" and paired["step"] == [0, 10] and paired["n"] == [6, 6]
+    np.testing.assert_allclose(paired["mean"], [0.0, -0.02], atol=1e-12)
+    np.testing.assert_allclose(paired["ci"], [0.0, 0.0], atol=1e-12)
+    assert summary["curves"]["heldout_loss"]["meta_lora"]["ci"][1] > 0.2  # the unpaired interval
+    assert "vs_reference" not in H.aggregate(records)
+
+
 @pytest.fixture(scope="module")
 def id_encoder_dir(tiny, tmp_path_factory):
     """An untrained stacked-ID encoder for the smoke base, saved as experiments/train_id_encoder.py would."""
@@ -282,8 +305,12 @@ def test_every_benchmark_config_variant_builds_its_method_list():
     baselines = meta_phd_tiny.get_config("baselines")
     assert [v for v, _, _ in benchmark.variants(baselines)] == [
         "textual_inversion@lr=0.0015", "textual_inversion@lr=0.005", "textual_inversion@lr=0.015",
-        "dreambooth@lr=6e-05", "dreambooth@lr=0.0002", "dreambooth@lr=0.0006"]
-    assert baselines.method.dreambooth.prior_images == meta_phd_tiny.get_config("").method.dreambooth.prior_images
+        "dreambooth@lr=6e-05", "dreambooth@lr=0.0002", "dreambooth@lr=0.0006",
+        "attn_dreambooth@lr=0.3", "attn_dreambooth@lr=1", "attn_dreambooth@lr=3"]
+    default = meta_phd_tiny.get_config("")
+    assert baselines.method.dreambooth.prior_images == default.method.dreambooth.prior_images
+    assert {k: v for k, v in baselines.method.attn_dreambooth.items() if k != "learning_rate"} == {
+        k: v for k, v in default.method.attn_dreambooth.items() if k != "learning_rate"}
     assert "megaportrait" not in meta_phd_tiny.get_config("lfw").methods  # its templates need the world's truth
 
 

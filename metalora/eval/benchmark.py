@@ -377,6 +377,11 @@ def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequenc
     curve_md += "".join(f"\n### {m}: change since the first evaluated step (paired per identity × seed)\n\n"
                         + H.curve_table({"curves": summary["change_from_start"]}, m)
                         for m in ("r_face_sim", "heldout_loss") if summary["change_from_start"].get(m))
+    if "vs_reference" in summary:
+        vs = summary["vs_reference"]
+        curve_md += "".join(f"\n### {m}: difference from `{vs['method']}` (paired per identity × seed × step)\n\n"
+                            + H.curve_table(vs, m)
+                            for m in ("r_face_sim", "heldout_loss") if vs["curves"].get(m))
     atomic_write_text(workdir / "table.md", header + table + curve_md)
     plots = {}
     for metric, ylabel in (("r_face_sim", "R-FaceSim (held-out photos)"), ("heldout_loss", "held-out denoising loss"),

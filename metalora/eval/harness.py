@@ -411,6 +411,19 @@ def change_from_start(records: Sequence[Mapping[str, Any]], metric: str) -> list
     return [dict(r) | {metric: r[metric] - start[cell(r)]} for r in scored if evaluations[cell(r)] > 1]
 
 
+def difference_from(records: Sequence[Mapping[str, Any]], metric: str, reference: str) -> list[dict[str, Any]]:
+    """The other methods' records holding ``metric``, with it replaced by its difference from ``reference``'s value
+    in the same (identity, seed, step) cell: the paired comparison of two methods, in which each identity's level
+    (and each seed's evaluation noise, shared by all methods) cancels. Records without a reference partner are left
+    out."""
+    def cell(r):
+        return r["identity"], r["seed"], r["step"]
+
+    ref = {cell(r): r[metric] for r in records if r["method"] == reference and metric in r}
+    return [dict(r) | {metric: r[metric] - ref[cell(r)]} for r in records
+            if r["method"] != reference and metric in r and cell(r) in ref]
+
+
 def steps_to_reach(curve: Mapping[str, Sequence[float]], target: float, higher_is_better: bool = True) -> int | None:
     """First evaluation step whose mean reaches ``target`` (None if it never does)."""
     for step, value in zip(curve["step"], curve["mean"]):
@@ -421,7 +434,8 @@ def steps_to_reach(curve: Mapping[str, Sequence[float]], target: float, higher_i
 
 def aggregate(records: Sequence[Mapping[str, Any]], *, reference_method: str | None = None,
               target_metric: str = "r_face_sim") -> dict[str, Any]:
-    """Per-method summary at the final step (mean ± CI), curves over steps, and steps to reach the target: the
+    """Per-method summary at the final step (mean ± CI), curves over steps (also as paired changes from the first
+    step and, given ``reference_method``, as paired differences from it), and steps to reach the target: the
     reference method's final mean of ``target_metric`` (if the reference method and metric are present)."""
     all_curves = {m: curves(records, m) for m in METRICS}
     final = {}
@@ -432,6 +446,10 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, reference_method: str | N
                                            if any(m in r for r in rows)}
     out: dict[str, Any] = {"final": final, "curves": all_curves,
                            "change_from_start": {m: curves(change_from_start(records, m), m) for m in METRICS}}
+    if reference_method:
+        out["vs_reference"] = {"method": reference_method,
+                               "curves": {m: curves(difference_from(records, m, reference_method), m)
+                                          for m in METRICS}}
     ref_curve = all_curves.get(target_metric, {}).get(reference_method or "")
     if ref_curve and ref_curve["mean"]:
         target = ref_curve["mean"][-1]
