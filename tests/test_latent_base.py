@@ -172,11 +172,16 @@ def test_latent_shots_need_the_vae(sd):
     assert encoded["images"].shape == (1, *model.sample_shape)
 
 
-@pytest.mark.parametrize("compute_dtype, remat", [("float32", False), ("bfloat16", True)])
-def test_the_benchmark_harness_runs_on_a_stable_diffusion_folder(sd, tmp_path, monkeypatch, compute_dtype, remat):
-    """Shots and held-out photos go to the UNet as VAE latents, judges and grids see the photos, samples are decoded;
-    the methods that need photos or one-token words refuse by name. Also with the full-scale settings (bf16 UNet
-    activations, rematerialised blocks): the harness builds its base from ``config.base`` as meta-training does."""
+@pytest.mark.parametrize("kind, compute_dtype, remat", [("sd", "float32", False), ("sd", "bfloat16", True),
+                                                         # ~3 min alone (7 beside a benchmark): slow suite
+                                                         pytest.param("sdxl", "float32", False,
+                                                                      marks=pytest.mark.slow)])
+def test_the_benchmark_harness_runs_on_a_stable_diffusion_folder(kind, compute_dtype, remat, tmp_path, monkeypatch,
+                                                                  request):
+    """Shots and held-out photos go to the UNet as VAE latents (SDXL: with its pooled embedding and size ids, the
+    DreamBooth prior set too), judges and grids see the photos, samples are decoded; the methods that need photos or
+    one-token words refuse by name. Also with the full-scale settings (bf16 UNet activations, rematerialised
+    blocks): the harness builds its base from ``config.base`` as meta-training does."""
     from PIL import Image
 
     from configs import meta_phd_tiny
@@ -187,7 +192,7 @@ def test_the_benchmark_harness_runs_on_a_stable_diffusion_folder(sd, tmp_path, m
     from metalora.meta.inner import diffusion_example_loss
     from metalora.meta.personalize import attach_adapters, lora_config, save_meta_down
 
-    folder, _, (model, params) = sd
+    folder, _, (model, params) = request.getfixturevalue(kind)
     config = meta_phd_tiny.get_config("smoke")
     config.base.path = str(folder)
     builder = builders.prepare(builders.track_builder(config.data, resolution=model.image_resolution))
@@ -224,6 +229,10 @@ def test_the_benchmark_harness_runs_on_a_stable_diffusion_folder(sd, tmp_path, m
     grid = np.asarray(Image.open(out["plots"]["grid"]))
     assert grid.shape[1] >= 32 * (2 + 2)  # reference, held-out photo, one sample per prompt: 32 px, not 16 px latents
 
+    if kind == "sdxl":
+        assert {"text_embeds", "time_ids"} <= set(subjects.shots) and {"text_embeds", "time_ids"} <= set(
+            subjects.heldout)
+        return  # its token-method refusals: test_token_methods_refuse_an_sdxl_base_by_name
     loss = diffusion_example_loss(model.schedule)
     with pytest.raises(ValueError, match="'person' is 6 tokens"):  # the tiny BPE vocabulary spells it in pieces
         methods_lib.textual_inversion_method(model, params, loss)
