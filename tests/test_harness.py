@@ -181,8 +181,9 @@ def test_change_from_start_is_paired_per_identity():
 
 
 def test_difference_from_reference_is_paired_per_cell():
-    """Identities and seeds far apart in level, meta_lora exactly 0.02 below lora in every cell after step 0: the
-    unpaired curves overlap, the paired difference is -0.02 with zero width; cells without a partner are left out."""
+    """Identities and seeds far apart in level, meta_lora 0.01 (seed 0) and 0.03 (seed 1) below lora in every
+    identity after step 0: the unpaired curves overlap, the paired difference averaged over seeds is -0.02 for every
+    identity, so zero width over identities; cells without a partner are left out."""
     records = []
     for i in (0, 1, 2):
         for seed in (0, 1):
@@ -190,13 +191,14 @@ def test_difference_from_reference_is_paired_per_cell():
             for step in (0, 10):
                 records.append({"method": "lora", "identity": i, "seed": seed, "step": step, "heldout_loss": level})
                 records.append({"method": "meta_lora", "identity": i, "seed": seed, "step": step,
-                                "heldout_loss": level - (0.02 if step else 0.0)})
+                                "heldout_loss": level - ((0.01 + 0.02 * seed) if step else 0.0)})
     records.append({"method": "meta_lora", "identity": 9, "seed": 0, "step": 10, "heldout_loss": 5.0})  # no partner
     diff = H.difference_from(records, "heldout_loss", "lora")
     assert {r["method"] for r in diff} == {"meta_lora"} and len(diff) == 12
     summary = H.aggregate(records, reference_method="lora", target_metric="heldout_loss")
     paired = summary["vs_reference"]["curves"]["heldout_loss"]["meta_lora"]
-    assert summary["vs_reference"]["method"] == "lora" and paired["step"] == [0, 10] and paired["n"] == [6, 6]
+    # seeds of one identity are averaged first: the interval counts the 3 identities, not 6 cells
+    assert summary["vs_reference"]["method"] == "lora" and paired["step"] == [0, 10] and paired["n"] == [3, 3]
     np.testing.assert_allclose(paired["mean"], [0.0, -0.02], atol=1e-12)
     np.testing.assert_allclose(paired["ci"], [0.0, 0.0], atol=1e-12)
     assert summary["curves"]["heldout_loss"]["meta_lora"]["ci"][1] > 0.2  # the unpaired interval

@@ -379,7 +379,8 @@ def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequenc
                         for m in ("r_face_sim", "heldout_loss") if summary["change_from_start"].get(m))
     if "vs_reference" in summary:
         vs = summary["vs_reference"]
-        curve_md += "".join(f"\n### {m}: difference from `{vs['method']}` (paired per identity × seed × step)\n\n"
+        curve_md += "".join((f"\n### {m}: difference from `{vs['method']}` (paired per identity × seed × step, seeds "
+                             "averaged: the interval is over identities)\n\n")
                             + H.curve_table(vs, m)
                             for m in ("r_face_sim", "heldout_loss") if vs["curves"].get(m))
     atomic_write_text(workdir / "table.md", header + table + curve_md)

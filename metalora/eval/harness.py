@@ -424,6 +424,17 @@ def difference_from(records: Sequence[Mapping[str, Any]], metric: str, reference
             if r["method"] != reference and metric in r and cell(r) in ref]
 
 
+def seed_means(records: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One record per (method, identity, step): ``metric`` averaged over seeds. The seeds of one identity are repeated
+    measurements of it, not new identities; intervals over these records count identities only."""
+    groups: dict[tuple, list[float]] = collections.defaultdict(list)
+    for r in records:
+        if metric in r:
+            groups[r["method"], r["identity"], r["step"]].append(r[metric])
+    return [{"method": m, "identity": i, "step": step, "seed": "mean", metric: float(np.mean(v))}
+            for (m, i, step), v in groups.items()]
+
+
 def steps_to_reach(curve: Mapping[str, Sequence[float]], target: float, higher_is_better: bool = True) -> int | None:
     """First evaluation step whose mean reaches ``target`` (None if it never does)."""
     for step, value in zip(curve["step"], curve["mean"]):
@@ -448,7 +459,7 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, reference_method: str | N
                            "change_from_start": {m: curves(change_from_start(records, m), m) for m in METRICS}}
     if reference_method:
         out["vs_reference"] = {"method": reference_method,
-                               "curves": {m: curves(difference_from(records, m, reference_method), m)
+                               "curves": {m: curves(seed_means(difference_from(records, m, reference_method), m), m)
                                           for m in METRICS}}
     ref_curve = all_curves.get(target_metric, {}).get(reference_method or "")
     if ref_curve and ref_curve["mean"]:
