@@ -122,7 +122,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.judge = "probes"
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.reference_method = "lora"  # steps to target = steps to reach this method's final value
+    c.eval.reference_method = "lora"  # steps to target = steps to reach this method's best mean (any step)
     c.eval.target_metric = "r_face_sim"
     c.eval.heldout_repeats = 4
 

@@ -161,6 +161,23 @@ def test_aggregate_steps_to_target():
     assert "| meta_lora | 40 |" in table and "0.600" in table
 
 
+def test_the_target_is_the_reference_best_when_it_over_fits():
+    """A one-shot fit over-fits: LoRA's held-out loss falls to 0.90 at step 20, then rises above its start. Its last
+    value would be "reached" at step 0; its best is reached by meta_lora at step 10 and by LoRA itself at 20. The
+    strongest variant of an LR sweep is the one with the best mean at any step (lr=a), not the best last value."""
+    curves = {"lora@lr=a": (1.0, 0.95, 0.90, 1.05), "lora@lr=b": (1.0, 0.99, 0.98, 0.97),
+              "meta_lora": (1.0, 0.88, 0.92, 1.10)}
+    records = [{"method": method, "identity": i, "seed": 0, "step": step, "heldout_loss": value + 0.1 * i}
+               for method, values in curves.items() for i in (0, 1) for step, value in zip((0, 10, 20, 40), values)]
+    reference = benchmark._reference_variant(records, "lora", "heldout_loss")
+    assert reference == "lora@lr=a"
+    target = H.aggregate(records, reference_method=reference, target_metric="heldout_loss")["target"]
+    assert target["value"] == pytest.approx(0.95)  # 0.90 and 1.00 for the two identities
+    assert target["steps"] == {"lora@lr=a": 20, "lora@lr=b": None, "meta_lora": 10}
+    assert H.format_cell((-3.2e-4, 2.8e-4, 8)) == "-0.00032 ± 0.00028"  # paired differences keep two figures
+    assert H.format_cell((0.0917, 0.016, 8)) == "0.0917 ± 0.0160"
+
+
 def test_change_from_start_is_paired_per_identity():
     """Identities 0.5 apart in level but each improving by exactly 0.1 per step: the unpaired curve has a wide
     interval, the paired change has mean -0.1·k and zero width."""

@@ -1,6 +1,8 @@
 """PNG grids, curve plots and atomic writes."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -89,3 +91,16 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_text(path, "short")
     assert path.read_text() == "short"
     assert [p.name for p in path.parent.iterdir()] == ["c.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path, umask):
+    """``mkstemp`` creates files 0600; a result written atomically is as readable as one written with ``open``."""
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "atomic.txt").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~umask

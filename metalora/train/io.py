@@ -26,13 +26,27 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read without changing it (``os.umask`` can only set it); 0o022 where
+    /proc does not say."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
-    """Write ``data`` to ``path`` atomically (tmp file in the same folder + ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (tmp file in the same folder + ``os.replace``). The file gets the mode
+    a plain ``open`` would give it (``mkstemp`` creates 0600, which would hide results from the rest of a group)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
