@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import base_quality
+from metalora.data import world
 
 
 def test_base_quality_smoke(tmp_path):
@@ -24,6 +25,22 @@ def test_base_quality_smoke(tmp_path):
     assert all(np.isfinite(v) for v in gain.values())
     cos = out["mean_pairwise_identity_cosine"]
     assert all(-1.0 <= v <= 1.0 for v in cos.values())
+    assert set(out["attribute_gain"]) == set(world.ATTRIBUTE_NAMES)
+    assert all(np.isfinite(g) for row in out["attribute_gain"].values() for g in row.values())
+    assert "| pose |" in out["table"]
+
+
+@pytest.mark.parametrize("name", world.ATTRIBUTE_NAMES)
+def test_swap_attribute_changes_that_attribute_only(name):
+    """Every class of every attribute swaps to another class, and the caption says so: only that attribute parses
+    differently."""
+    for value in world.ATTRIBUTE_CLASSES[name]:
+        attributes = {n: world.ATTRIBUTE_CLASSES[n][0] for n in world.ATTRIBUTE_NAMES} | {name: value}
+        swapped = base_quality.swap_attribute(attributes, name)
+        assert swapped[name] != value and {k: v for k, v in swapped.items() if k != name} == {
+            k: v for k, v in attributes.items() if k != name}
+        before, after = (world.parse_caption(world.make_caption(a)) for a in (attributes, swapped))
+        assert {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)} == {name}
 
 
 def test_base_quality_rejects_more_photos_than_the_split_has(tmp_path):
