@@ -4,6 +4,8 @@ not judged)."""
 import json
 import math
 
+import pytest
+
 from benchmarks.speed import main
 
 ROW_KEYS = {
@@ -67,6 +69,7 @@ def test_batched_adaptation_benchmark_on_the_base_model(tmp_path):
                         / (2 * one["flops_per_step"]), rel_tol=1e-9)
 
 
+@pytest.mark.slow  # two worker processes compiling the base step (~165 s); metalora.host itself: tests/test_host.py
 def test_host_allocator_benchmark_alternates_two_workers(tmp_path):
     """benchmarks/host_allocator.py at smoke size: one worker without and one with metalora.host's tunables, each
     reporting one time per turn."""
