@@ -118,7 +118,8 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
         cell_configs(config, cell)
     results = [run_cell(config, cell, workdir, log) for cell in grid_cells]
     rows = summarize(grid_cells, results)
-    table = f"# {config.title}\n\nMean ± 95% CI over identities × seeds at the final adaptation step.\n\n"
+    table = (f"# {config.title}\n\nMean ± 95% CI over identities (each identity's seeds averaged first) at the "
+             "final adaptation step.\n\n")
     table += markdown(grid, rows)
     atomic_write_text(workdir / "ablation.md", table)
     out = {"config": config_to_dict(config), "grid": grid, "rows": rows}

@@ -222,6 +222,22 @@ def test_difference_from_reference_is_paired_per_cell():
     assert "vs_reference" not in H.aggregate(records)
 
 
+def test_every_interval_counts_identities_not_seeds():
+    """3 identities × 2 seeds: the final table, the curves and the changes average each identity's seeds first, so
+    their intervals are Student-t intervals over 3 identity means (n = 3), not over 6 correlated cells."""
+    seed_noise = {0: -0.05, 1: +0.05}
+    records = [{"method": "lora", "identity": i, "seed": seed, "step": step,
+                "r_face_sim": 0.2 * i + seed_noise[seed] + 0.01 * step * (1 + i)}
+               for i in (0, 1, 2) for seed in (0, 1) for step in (0, 10)]
+    summary = H.aggregate(records)
+    identity_means = [0.2 * i + 0.1 * (1 + i) for i in (0, 1, 2)]  # step 10, seeds averaged
+    assert summary["final"]["lora"]["r_face_sim"] == pytest.approx(H.mean_ci(identity_means))
+    assert summary["curves"]["r_face_sim"]["lora"]["n"] == [3, 3]
+    change = summary["change_from_start"]["r_face_sim"]["lora"]
+    assert change["n"] == [3, 3]
+    assert (change["mean"][1], change["ci"][1]) == pytest.approx(H.mean_ci([0.1, 0.2, 0.3])[:2])
+
+
 @pytest.fixture(scope="module")
 def id_encoder_dir(tiny, tmp_path_factory):
     """An untrained stacked-ID encoder for the smoke base, saved as experiments/train_id_encoder.py would."""

@@ -366,16 +366,17 @@ def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequenc
     table = H.markdown_table(summary, _short_extras(info), notes=_notes(config) + _method_notes(info))
     n_cells = len(config.seeds) * subjects.count
     header = (f"# {config.report.title}\n\n{subjects.count} identities × {len(config.seeds)} seeds = {n_cells} "
-              f"cells per method; mean ± 95% CI (Student t). {config.protocol.shots} reference shot(s), "
+              f"cells per method; mean ± 95% CI (Student t) over identities, each identity's seeds averaged first. "
+              f"{config.protocol.shots} reference shot(s), "
               f"{len(subjects.prompts[0])} prompts × {subjects.seeds_per_prompt} samples per identity.\n\n")
     # (what, how paired, plot-file suffix, curves): the raw curves, then the paired ones, in which the spread between
     # identities (far larger than what adaptation changes) cancels.
     sections = [("by adaptation step", "", "", summary["curves"]),
-                ("change since the first evaluated step", "paired per identity × seed", "_change",
+                ("change since the first evaluated step", "paired per identity × seed, seeds averaged", "_change",
                  summary["change_from_start"])]
     if "vs_reference" in summary:
         sections.append((f"difference from {summary['vs_reference']['method']}",
-                         "paired per identity × seed × step, seeds averaged: the interval is over identities",
+                         "paired per identity × seed × step, seeds averaged",
                          "_vs_reference", summary["vs_reference"]["curves"]))
     curve_md = "".join(f"\n### {m}: {what}" + (f" ({how})" if how else "") + "\n\n"
                        + H.curve_table({"curves": curves}, m)

@@ -456,16 +456,24 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, reference_method: str | N
     """Per-method summary at the final step (mean ± CI), curves over steps (also as paired changes from the first
     step and, given ``reference_method``, as paired differences from it), and steps to reach the target: the
     reference method's best mean of ``target_metric`` over its steps (if the reference method and metric are
-    present)."""
-    all_curves = {m: curves(records, m) for m in METRICS}
+    present).
+
+    Every interval is over identities: each identity's seeds are averaged first (``seed_means``), since they are
+    repeated measurements of one identity. The means equal the means over identity × seed cells when every
+    identity has every seed."""
+    per_identity = {m: seed_means(records, m) for m in METRICS}
+    all_curves = {m: curves(per_identity[m], m) for m in METRICS}
     final = {}
     for method in dict.fromkeys(r["method"] for r in records):
         last = max(r["step"] for r in records if r["method"] == method)
-        rows = [r for r in records if r["method"] == method and r["step"] == last]
-        final[method] = {"step": last} | {m: mean_ci([r[m] for r in rows if m in r]) for m in METRICS
-                                           if any(m in r for r in rows)}
+        final[method] = {"step": last}
+        for m in METRICS:
+            values = [r[m] for r in per_identity[m] if r["method"] == method and r["step"] == last]
+            if values:
+                final[method][m] = mean_ci(values)
     out: dict[str, Any] = {"final": final, "curves": all_curves,
-                           "change_from_start": {m: curves(change_from_start(records, m), m) for m in METRICS}}
+                           "change_from_start": {m: curves(seed_means(change_from_start(records, m), m), m)
+                                                 for m in METRICS}}
     if reference_method:
         out["vs_reference"] = {"method": reference_method,
                                "curves": {m: curves(seed_means(difference_from(records, m, reference_method), m), m)
@@ -513,7 +521,8 @@ def format_cell(cell: Any, digits: int = 3) -> str:
 
 def markdown_table(summary: Mapping[str, Any], extra: Mapping[str, Mapping[str, Any]],
                    notes: Sequence[str] = ()) -> str:
-    """Final-step table (mean ± 95% CI over identity × seed cells) with per-method extras (params, timing, FD)."""
+    """Final-step table (mean ± 95% CI over identities, seeds averaged first) with per-method extras (parameters,
+    timing, FD)."""
     columns = [m for m in METRICS if any(m in f for f in summary["final"].values())]
     extra_cols = list(dict.fromkeys(k for e in extra.values() for k in e))
     header = ["method", "step", *columns, *extra_cols]
