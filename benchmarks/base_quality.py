@@ -16,6 +16,10 @@
   t ≈ 900 the noisy image itself still shows the background colour, pose and accessories.
 * Attribute gain: the same with a caption that changes one attribute only (``swap_attribute``): which attributes'
   words the UNet reads at all.
+* Attribute variance share: how much of the training photos' pixel variance each attribute explains. Where the
+  noisy image shows nothing, the caption's words can lower the loss by at most their share, so a small share means
+  a weak signal to learn that word from (in the procedural world at 32 px: background ~59 %, hat ~4 %, lighting ~2 %,
+  glasses 0.3 %, pose 0.2 %, expression 0.01 %).
 
 Prints a Markdown table and writes ``base_quality.json`` and ``base_quality.png`` (samples above, their real
 photos below) to ``--out``.
@@ -40,16 +44,33 @@ from metalora.models import base_model as bm
 from metalora.train.io import atomic_write_text, save_image_grid
 
 
-def real_test_photos(resolution: int, n: int) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
-    """``n`` test photos spread evenly over the split (so over identities), their captions and attributes."""
-    source = builders.data_source(builders.synth_builder(f"r{resolution}"), "test")
+def real_test_photos(resolution: int, n: int, split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """``n`` photos spread evenly over a split (so over identities), their captions and attributes."""
+    source = builders.data_source(builders.synth_builder(f"r{resolution}"), split)
     if not 0 < n <= len(source):
-        raise ValueError(f"--n must be in [1, {len(source)}] (the test split's size), got {n}")
+        raise ValueError(f"asked for {n} {split} photos; the split has {len(source)}")
     rows = [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round()]
     images = np.stack([np.asarray(r["image"], np.float32) / 255.0 for r in rows])
     captions = [builders.decode_text(r["caption"]) for r in rows]
     attributes = [json.loads(builders.decode_text(r["attributes_json"])) for r in rows]
     return images, captions, attributes
+
+
+def attribute_variance_share(images: np.ndarray, attributes: list[dict[str, str]]) -> dict[str, float]:
+    """Per attribute: the share of the photos' pixel variance that its class explains (ε², the between-class sum of
+    squares less its chance level (K - 1) · within-class mean square, over the total sum of squares, summed over
+    pixels). At the noisiest steps the caption is all the UNet sees, so an attribute's share bounds how much its
+    word can lower the denoising loss there, i.e. how strong the training signal to read that word is."""
+    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    total = ((x - x.mean(0)) ** 2).sum()
+    out = {}
+    for name in world.ATTRIBUTE_NAMES:
+        labels = np.asarray([a[name] for a in attributes])
+        classes = np.unique(labels)
+        within = sum(((x[labels == c] - x[labels == c].mean(0)) ** 2).sum() for c in classes)
+        chance = (len(classes) - 1) * within / max(len(x) - len(classes), 1)
+        out[name] = float((total - within - chance) / total)
+    return out
 
 
 def attribute_accuracy(probes: P.Probes, images: np.ndarray, attributes: list[dict[str, str]]) -> dict[str, float]:
@@ -120,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1 = DDPM-like ancestral noise)")
+    ap.add_argument("--variance-n", type=int, default=3000, help="meta_train photos for the variance shares")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/base_quality")
     args = ap.parse_args(argv)
@@ -148,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                        P.probe_features(probes, real)),
         "caption_gain": caption_gain(model, params, real, captions, jax.random.key(args.seed + 2)),
         "attribute_gain": attribute_gain(model, params, real, attributes, jax.random.key(args.seed + 3)),
+        "attribute_variance_share": attribute_variance_share(
+            *real_test_photos(model.resolution, args.variance_n, "meta_train")[::2]),
     }
     names = list(result["attribute_accuracy_real"])
     lines = ["| prompted attribute | base samples | real photos (probe ceiling) |", "|---|---|---|"]
@@ -168,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
               "|---|" + "---|" * len(gain_steps)]
     lines += [f"| {name} | " + " | ".join(f"{g[t]:.1%}" for t in gain_steps) + " |"
               for name, g in result["attribute_gain"].items()]
+    lines += ["", "| attribute | share of the training photos' pixel variance (ε²) |", "|---|---|"]
+    lines += [f"| {name} | {share:.2%} |" for name, share in result["attribute_variance_share"].items()]
     result["table"] = "\n".join(lines)
     k = min(16, args.n)
     save_image_grid(np.concatenate([samples[:k], real[:k]]), out / "base_quality.png", nrow=k)

@@ -78,6 +78,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # (0.02 at t = 900, 1e-4 at t = 990). In this world the noisy image shows background, pose and accessories up to
     # about t = 900, so the caption only helps on exactly those steps: with min-SNR the UNet never learned to read it.
     c.train.min_snr_gamma = 0.0
+    # > 0: that share of each batch draws t from [high_noise_start, 1000) instead of [0, 1000) (see
+    # metalora.diffusion.sample_timesteps: the steps where the caption decides the image). 0 = plain uniform t, as
+    # the shipped base was trained.
+    c.train.high_noise_fraction = 0.0
+    c.train.high_noise_start = 800
     c.train.ema_decay = 0.995  # a ~200-step horizon
     # True: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so early EMA weights are not mostly the random
     # init (off in the recorded runs: with 1200 steps the init's weight in the EMA is 0.995**1200 ≈ 0.2%).

@@ -119,7 +119,8 @@ def make_state_and_step(config: ml_collections.ConfigDict, model: bm.BaseModel):
     else:  # the text tower stays at its (random) init (measured in configs/base_tiny.py: it then barely conditions)
         state = create_train_state({"unet": params["unet"]}, optimizer, ema=t.ema_decay > 0,
                                    frozen={"text_encoder": params["text_encoder"]})
-    loss_fn = functools.partial(_loss, model, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None)
+    loss_fn = functools.partial(_loss, model, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None,
+                                high_noise_fraction=t.high_noise_fraction, high_noise_start=t.high_noise_start)
     step_fn = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay or None, ema_warmup=t.ema_warmup,
                               lr_schedule=make_lr_schedule(opt_config))
     return state, step_fn
@@ -149,10 +150,9 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     return results
 
 
-def _loss(model, params, frozen, batch, key, *, cond_drop_prob, min_snr_gamma):
+def _loss(model, params, frozen, batch, key, **loss_options):
     # frozen holds the text encoder when it is not trained; otherwise everything trains
-    return bm.base_loss(model, {**(frozen or {}), **params}, batch, key, cond_drop_prob=cond_drop_prob,
-                        min_snr_gamma=min_snr_gamma)
+    return bm.base_loss(model, {**(frozen or {}), **params}, batch, key, **loss_options)
 
 
 if __name__ == "__main__":

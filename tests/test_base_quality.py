@@ -11,7 +11,7 @@ from metalora.data import world
 
 def test_base_quality_smoke(tmp_path):
     out = base_quality.main(["--model", "random:smoke", "--n", "4", "--steps", "2", "--eta", "1",
-                             "--out", str(tmp_path)])
+                             "--variance-n", "300", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "base_quality.json").read_text())
     assert written["eta"] == 1.0 and written["n"] == 4
     assert (tmp_path / "base_quality.png").exists()
@@ -28,6 +28,9 @@ def test_base_quality_smoke(tmp_path):
     assert set(out["attribute_gain"]) == set(world.ATTRIBUTE_NAMES)
     assert all(np.isfinite(g) for row in out["attribute_gain"].values() for g in row.values())
     assert "| pose |" in out["table"]
+    # on real training photos the background colour explains most pixel variance, the expression almost none
+    share = out["attribute_variance_share"]
+    assert share["background"] > 0.3 > share["hat"] > share["expression"]
 
 
 @pytest.mark.parametrize("name", world.ATTRIBUTE_NAMES)
@@ -44,5 +47,20 @@ def test_swap_attribute_changes_that_attribute_only(name):
 
 
 def test_base_quality_rejects_more_photos_than_the_split_has(tmp_path):
-    with pytest.raises(ValueError, match="--n must be in"):
+    with pytest.raises(ValueError, match="asked for 100000 test photos"):
         base_quality.main(["--model", "random:smoke", "--n", "100000", "--out", str(tmp_path)])
+
+
+def test_attribute_variance_share_is_the_bias_corrected_between_class_share():
+    """Images = a class offset (±1 on every pixel for pose, 0 for the other attributes) + unit noise: the pose
+    explains 1 / (1 + 1) of the variance, a random label nothing; the chance correction removes the label-noise
+    share that plain between/total would report (~(K - 1)/N)."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    pose = rng.integers(0, 2, n)
+    images = (2.0 * pose - 1.0)[:, None, None, None] + rng.normal(size=(n, 4, 4, 3))
+    attributes = [{name: "x" for name in world.ATTRIBUTE_NAMES} | {"pose": ("left", "right")[p],
+                                                                   "hat": str(rng.integers(0, 8))} for p in pose]
+    share = base_quality.attribute_variance_share(images, attributes)
+    assert share["pose"] == pytest.approx(0.5, abs=0.02)
+    assert abs(share["hat"]) < 1e-3 and share["background"] == 0.0  # one class: nothing to explain

@@ -163,6 +163,24 @@ def test_sample_timesteps_uniform_and_keyed():
     assert not np.array_equal(t[:100], sample_timesteps(jax.random.key(1), 100, 1000))
 
 
+def test_sample_timesteps_high_noise_mixture():
+    """Half the draws from [800, 1000): P(t >= 800) = 0.5 + 0.5 · 0.2 = 0.6, uniform within each part; fraction 0 is
+    exactly the plain draw (so runs without the option reproduce), bad arguments fail."""
+    key = jax.random.key(0)
+    t = np.asarray(sample_timesteps(key, 100_000, 1000, high_noise_fraction=0.5, high_noise_start=800))
+    assert t.min() == 0 and t.max() == 999
+    assert abs(np.mean(t >= 800) - 0.6) < 5 * np.sqrt(0.24 / 100_000)
+    high = np.bincount((t[t >= 800] - 800) // 50, minlength=4)  # 4 equal bins of [800, 1000)
+    assert np.all(np.abs(high - high.mean()) < 5 * np.sqrt(high.mean()))
+    low = np.bincount(t[t < 800] // 200, minlength=4)
+    assert np.all(np.abs(low - low.mean()) < 5 * np.sqrt(low.mean()))
+    np.testing.assert_array_equal(sample_timesteps(key, 64, 1000, high_noise_fraction=0.0, high_noise_start=800),
+                                  sample_timesteps(key, 64, 1000))
+    for bad in ({"high_noise_fraction": 1.5}, {"high_noise_fraction": 0.5, "high_noise_start": 1000}):
+        with pytest.raises(ValueError, match="high_noise"):
+            sample_timesteps(key, 4, 1000, **bad)
+
+
 def test_sample_flow_sigmas_distributions():
     key = jax.random.key(0)
     plain = FlowMatchSchedule()

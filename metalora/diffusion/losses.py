@@ -58,9 +58,26 @@ def diffusion_loss(pred: jax.Array, target: jax.Array, weights: jax.Array | None
     return jnp.mean(mse)
 
 
-def sample_timesteps(key: jax.Array, batch_size: int, num_train_timesteps: int) -> jax.Array:
-    """Uniform integer timesteps in [0, T), shape (batch_size,), int32."""
-    return jax.random.randint(key, (batch_size,), 0, num_train_timesteps, dtype=jnp.int32)
+def sample_timesteps(key: jax.Array, batch_size: int, num_train_timesteps: int, *, high_noise_fraction: float = 0.0,
+                     high_noise_start: int = 0) -> jax.Array:
+    """Integer timesteps in [0, T), shape (batch_size,), int32: uniform, or with ``high_noise_fraction`` > 0 a mixture
+    that draws each timestep from [``high_noise_start``, T) with that probability and from [0, T) otherwise.
+
+    Why a mixture: a caption only changes the best prediction where the noisy image no longer shows what it says.
+    In the procedural world that is t ≳ 800-900, and an attribute's share of the pixel variance there bounds its
+    share of the loss (pose 0.2 %, hat 4.5 %, background 59 %: ``benchmarks/base_quality.py``), so uniform sampling
+    spends few steps on exactly the words that are learned last. The mixture changes the objective's weighting over
+    t (as SD3's logit-normal does for flows); the default (0) draws exactly what plain uniform sampling drew.
+    """
+    if high_noise_fraction == 0.0:
+        return jax.random.randint(key, (batch_size,), 0, num_train_timesteps, dtype=jnp.int32)
+    if not 0.0 < high_noise_fraction <= 1.0 or not 0 <= high_noise_start < num_train_timesteps:
+        raise ValueError(f"sample_timesteps: high_noise_fraction must be in [0, 1] and high_noise_start in "
+                         f"[0, {num_train_timesteps}), got {high_noise_fraction} and {high_noise_start}")
+    k_uniform, k_high, k_pick = jax.random.split(key, 3)
+    uniform = jax.random.randint(k_uniform, (batch_size,), 0, num_train_timesteps, dtype=jnp.int32)
+    high = jax.random.randint(k_high, (batch_size,), high_noise_start, num_train_timesteps, dtype=jnp.int32)
+    return jnp.where(jax.random.bernoulli(k_pick, high_noise_fraction, (batch_size,)), high, uniform)
 
 
 def sample_flow_sigmas(
@@ -90,10 +107,12 @@ def sample_flow_sigmas(
     return schedule.shift_sigmas(u, mu).astype(jnp.float32)
 
 
-def training_inputs(schedule: NoiseSchedule, key: jax.Array, x0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One draw of (x_t, t, target) for a batch of clean samples: uniform t, Gaussian noise, both from ``key``."""
+def training_inputs(schedule: NoiseSchedule, key: jax.Array, x0: jax.Array,
+                    **timestep_kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One draw of (x_t, t, target) for a batch of clean samples: t (uniform unless ``timestep_kwargs`` say
+    otherwise, see :func:`sample_timesteps`), Gaussian noise, both from ``key``."""
     k_t, k_noise = jax.random.split(key)
-    t = sample_timesteps(k_t, x0.shape[0], schedule.num_train_timesteps)
+    t = sample_timesteps(k_t, x0.shape[0], schedule.num_train_timesteps, **timestep_kwargs)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     return add_noise(schedule, x0, noise, t), t, training_target(schedule, x0, noise, t)
 

@@ -427,11 +427,13 @@ def base_loss(
     *,
     cond_drop_prob: float = 0.1,
     min_snr_gamma: float | None = 5.0,
+    high_noise_fraction: float = 0.0,
+    high_noise_start: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Pretraining loss of the composite: text encoder and UNet both differentiated.
 
     ``batch``: ``images`` (B, H, W, C) float in [-1, 1] and ``input_ids`` (B, L) int. Returns the min-SNR-γ weighted
-    loss and ``{"mse": unweighted MSE}``.
+    loss and ``{"mse": unweighted MSE}``. ``high_noise_*``: the timestep mixture of ``sample_timesteps``.
     """
     images = jnp.asarray(batch["images"], jnp.float32)
     if images.shape[1:] != model.sample_shape:
@@ -439,7 +441,8 @@ def base_loss(
                          f"{model.sample_shape}")
     k_drop, k_noise = jax.random.split(key)
     input_ids, _ = drop_captions(model, k_drop, jnp.asarray(batch["input_ids"], jnp.int32), cond_drop_prob)
-    x_t, t, target = training_inputs(model.schedule, k_noise, images)
+    x_t, t, target = training_inputs(model.schedule, k_noise, images, high_noise_fraction=high_noise_fraction,
+                                     high_noise_start=high_noise_start)
     pred = denoise(model, params, x_t, t, input_ids)
     loss = diffusion_loss(pred, target, loss_weights(model.schedule, t, min_snr_gamma))
     return loss, {"mse": jnp.mean(per_example_mse(pred, target))}
