@@ -159,6 +159,9 @@ def _tile_backward(carry, xs, k, k_t, v, scale):
     XLA:CPU runs a dot that contracts its left operand's *leading* axis (Pᵀ·dO, dSᵀ·Q in the textbook order) on a
     slow path (3-4× a plain matmul here). Recomputing the transposed scores Sᵀ = K·Qᵀ makes dV = Pᵀ·dO and
     dK = dSᵀ·Q plain matmuls, and dQᵀ = Kᵀ·dSᵀ is one too given Kᵀ, a small (D × Lk) copy made once per chunk.
+    dQᵀ leaves the tile as it is and is transposed once after the loop: a transpose inside the tile is folded back
+    into the dot by XLA, which then contracts dSᵀ's leading axis on the slow path (a 16×16 self-attention's
+    forward + backward at batch 32: 62 → 46 ms).
     """
     dk, dv = carry
     q_t, do_t, lse_t, delta_t = xs
@@ -169,7 +172,7 @@ def _tile_backward(carry, xs, k, k_t, v, scale):
     # delta_i = Σ_j P_ij dP_ij = rowsum(dO ∘ O): the softmax-backward correction, computed once per row.
     ds_t = (p_t * (dp_t - delta_t[:, None, :])).astype(q_t.dtype)
     dk = dk + jnp.einsum("hkq,hqd->hkd", ds_t, q_t, preferred_element_type=_acc(q_t.dtype))
-    dq_t = jnp.einsum("hdk,hkq->hdq", k_t, ds_t, preferred_element_type=_acc(q_t.dtype)).swapaxes(1, 2)
+    dq_t = jnp.einsum("hdk,hkq->hdq", k_t, ds_t, preferred_element_type=_acc(q_t.dtype))
     return (dk, dv), dq_t
 
 
@@ -195,7 +198,7 @@ def _blocked_bwd(scale, hc, bq, residuals, d_out):
     tiles = lambda x: _to_tiles(x, hc, bq)
     dq, dk, dv = _loop(per_chunk, (tiles(q), tiles(d_out), tiles(lse), tiles(delta), chunk(k), chunk(v)))
     # The scale of S = scale·Q·Kᵀ, applied to the small gradients instead of every dS.
-    dq = _from_tiles(dq) * scale
+    dq = _from_tiles(dq.swapaxes(-1, -2)) * scale
     dk = dk.reshape(k.shape) * scale
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.reshape(v.shape).astype(v.dtype)
 
