@@ -44,7 +44,8 @@ from metalora.models import base_model as bm
 from metalora.train.io import atomic_write_text, save_image_grid
 
 
-def real_test_photos(resolution: int, n: int, split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+def real_test_photos(resolution: int, n: int,
+                     split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """``n`` photos spread evenly over a split (so over identities), their captions and attributes."""
     source = builders.data_source(builders.synth_builder(f"r{resolution}"), split)
     if not 0 < n <= len(source):
