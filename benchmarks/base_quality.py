@@ -44,8 +44,7 @@ from metalora.models import base_model as bm
 from metalora.train.io import atomic_write_text, save_image_grid
 
 
-def real_test_photos(resolution: int, n: int,
-                     split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+def real_photos(resolution: int, n: int, split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     """``n`` photos spread evenly over a split (so over identities), their captions and attributes."""
     source = builders.data_source(builders.synth_builder(f"r{resolution}"), split)
     if not 0 < n <= len(source):
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = pathlib.Path(args.out)
     model, params = bm.load_base(args.model)
     probes = P.load_probes(args.probes)
-    real, captions, attributes = real_test_photos(model.resolution, args.n)
+    real, captions, attributes = real_photos(model.resolution, args.n)
     ids = jnp.asarray(model.tokenize(captions))
     samples = np.asarray(bm.sample_from_ids(model, params, ids, jax.random.split(jax.random.key(args.seed), args.n),
                                             num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta))
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "caption_gain": caption_gain(model, params, real, captions, jax.random.key(args.seed + 2)),
         "attribute_gain": attribute_gain(model, params, real, attributes, jax.random.key(args.seed + 3)),
         "attribute_variance_share": attribute_variance_share(
-            *real_test_photos(model.resolution, args.variance_n, "meta_train")[::2]),
+            *real_photos(model.resolution, args.variance_n, "meta_train")[::2]),
     }
     names = list(result["attribute_accuracy_real"])
     lines = ["| prompted attribute | base samples | real photos (probe ceiling) |", "|---|---|---|"]

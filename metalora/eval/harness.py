@@ -461,16 +461,16 @@ def aggregate(records: Sequence[Mapping[str, Any]], *, reference_method: str | N
     Every interval is over identities: each identity's seeds are averaged first (``seed_means``), since they are
     repeated measurements of one identity. The means equal the means over identity × seed cells when every
     identity has every seed."""
-    per_identity = {m: seed_means(records, m) for m in METRICS}
-    all_curves = {m: curves(per_identity[m], m) for m in METRICS}
+    all_curves = {m: curves(seed_means(records, m), m) for m in METRICS}
     final = {}
     for method in dict.fromkeys(r["method"] for r in records):
         last = max(r["step"] for r in records if r["method"] == method)
         final[method] = {"step": last}
-        for m in METRICS:
-            values = [r[m] for r in per_identity[m] if r["method"] == method and r["step"] == last]
-            if values:
-                final[method][m] = mean_ci(values)
+        for m in METRICS:  # the curve's point at the method's last step: the table and the plots cannot disagree
+            curve = all_curves[m].get(method)
+            if curve and last in curve["step"]:
+                i = curve["step"].index(last)
+                final[method][m] = (curve["mean"][i], curve["ci"][i], curve["n"][i])
     out: dict[str, Any] = {"final": final, "curves": all_curves,
                            "change_from_start": {m: curves(seed_means(change_from_start(records, m), m), m)
                                                  for m in METRICS}}
