@@ -363,12 +363,34 @@ def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequenc
            summary: Mapping[str, Any], info: Mapping[str, Any],
            final_samples: Mapping[str, list[np.ndarray]]) -> dict[str, Any]:
     """table.md, plots and the image grid; returns the results dict (written by the caller)."""
-    table = H.markdown_table(summary, _short_extras(info), notes=_notes(config) + _method_notes(info))
     n_cells = len(config.seeds) * subjects.count
     header = (f"# {config.report.title}\n\n{subjects.count} identities × {len(config.seeds)} seeds = {n_cells} "
               f"cells per method; mean ± 95% CI (Student t) over identities, each identity's seeds averaged first. "
               f"{config.protocol.shots} reference shot(s), "
               f"{len(subjects.prompts[0])} prompts × {subjects.seeds_per_prompt} samples per identity.\n\n")
+    table, plots = tables_and_curves(workdir, header, summary, info, notes=_notes(config) + _method_notes(info))
+    finals = {m: [r for r in records if r["method"] == m and r["step"] == summary["final"][m]["step"]]
+              for m in summary["final"]}
+    if any("prompt_alignment" in r for rows in finals.values() for r in rows):
+        pts = {m: ([r["prompt_alignment"] for r in rows if "prompt_alignment" in r],
+                   [r["r_face_sim"] for r in rows if "prompt_alignment" in r]) for m, rows in finals.items()}
+        plots["scatter"] = str(H.plot_scatter(pts, workdir / "rfacesim_vs_alignment.png", xlabel="prompt alignment",
+                                              ylabel="R-FaceSim", title="identity vs prompt (final step)"))
+    if final_samples:
+        plots["grid"] = str(image_grid(workdir / "grid.png", subjects, final_samples, config.report.grid_identities))
+    return {"format": RESULTS_FORMAT, "config": config_to_dict(config), "fingerprint": config_fingerprint(config),
+            "identities": subjects.identities, "prompts": [[p.text for p in ps] for ps in subjects.prompts],
+            "methods": dict(info), "summary": summary, "records": list(records), "table": table, "plots": plots,
+            "versions": {"jax": jax.__version__, "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "devices": [str(x) for x in jax.devices()]}}
+
+
+def tables_and_curves(workdir: pathlib.Path, header: str, summary: Mapping[str, Any], info: Mapping[str, Any],
+                      notes: Sequence[str] = ()) -> tuple[str, dict[str, str]]:
+    """``table.md`` (``header``, the final-step table, then every curve as a table) and the curve plots; returns the
+    final-step table and {plot name: path}."""
+    table = H.markdown_table(summary, _short_extras(info), notes=notes)
     # (what, how paired, plot-file suffix, curves): the raw curves, then the paired ones, in which the spread between
     # identities (far larger than what adaptation changes) cancels.
     sections = [("by adaptation step", "", "", summary["curves"]),
@@ -397,21 +419,85 @@ def report(config, workdir: pathlib.Path, subjects: H.Subjects, records: Sequenc
             title = labels[metric] + (f"\n{what}" if suffix else "") + " (mean ± 95% CI)"  # 2 lines fit the plot
             plots[metric + suffix] = str(plot_curves(lines, workdir / f"{metric}{suffix}_vs_steps.png", bands=bands,
                                                      xlabel="adaptation steps", ylabel=labels[metric], title=title))
-    finals = {m: [r for r in records if r["method"] == m and r["step"] == summary["final"][m]["step"]]
-              for m in summary["final"]}
-    if any("prompt_alignment" in r for rows in finals.values() for r in rows):
-        pts = {m: ([r["prompt_alignment"] for r in rows if "prompt_alignment" in r],
-                   [r["r_face_sim"] for r in rows if "prompt_alignment" in r]) for m, rows in finals.items()}
-        plots["scatter"] = str(H.plot_scatter(pts, workdir / "rfacesim_vs_alignment.png", xlabel="prompt alignment",
-                                              ylabel="R-FaceSim", title="identity vs prompt (final step)"))
-    if final_samples:
-        plots["grid"] = str(image_grid(workdir / "grid.png", subjects, final_samples, config.report.grid_identities))
-    return {"format": RESULTS_FORMAT, "config": config_to_dict(config), "fingerprint": config_fingerprint(config),
-            "identities": subjects.identities, "prompts": [[p.text for p in ps] for ps in subjects.prompts],
-            "methods": dict(info), "summary": summary, "records": list(records), "table": table, "plots": plots,
-            "versions": {"jax": jax.__version__, "python": platform.python_version()},
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "devices": [str(x) for x in jax.devices()]}}
+    return table, plots
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pooling runs over disjoint identities
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _settings_fingerprint(config: Mapping[str, Any]) -> str:
+    """Hash of a results.json config without the choice of identities (and what never changes a number)."""
+    d = json.loads(json.dumps(config, default=str))
+    for k in ("methods", "report", "progress"):
+        d.pop(k, None)
+    for k in ("identities", "num_identities"):
+        d.get("protocol", {}).pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pooled_info(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-variant info of several runs: lists (per-cell timings) concatenated, anything else from the first run."""
+    info: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for variant, i in run["methods"].items():
+            merged = info.setdefault(variant, {})
+            for key, value in i.items():
+                if isinstance(value, list):
+                    merged.setdefault(key, []).extend(value)
+                else:
+                    merged.setdefault(key, value)
+    return info
+
+
+def pool(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> dict[str, Any]:
+    """Re-aggregate finished harness runs over disjoint identities as one run (a replication on new identities, or
+    more identities than one run has): their records pooled, every interval then over all their identities.
+
+    The runs must agree on every setting except the identities (seeds and method variants included) and share no
+    identity: pooling two runs of one identity would count its seeds as new identities. Writes ``results.json``
+    (with ``sources``), ``table.md`` and the curve plots to ``out``; returns the results dict.
+    """
+    paths = [pathlib.Path(w) / "results.json" for w in workdirs]
+    if len(paths) < 2:
+        raise ValueError("pool: give at least two runs")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"pool: no results.json (unfinished run?): {', '.join(missing)}")
+    runs = [json.loads(p.read_text()) for p in paths]
+    first = runs[0]
+    for path, run in zip(paths[1:], runs[1:]):
+        if _settings_fingerprint(run["config"]) != _settings_fingerprint(first["config"]):
+            raise ValueError(f"pool: {path} was run with other settings than {paths[0]} (only the identities may "
+                             f"differ)")
+        if sorted(run["methods"]) != sorted(first["methods"]):
+            raise ValueError(f"pool: {path} has methods {sorted(run['methods'])}, {paths[0]} "
+                             f"{sorted(first['methods'])}")
+    seen: dict[int, pathlib.Path] = {}
+    for path, run in zip(paths, runs):
+        for identity in run["identities"]:
+            if identity in seen:
+                raise ValueError(f"pool: identity {identity} is in both {seen[identity]} and {path}")
+            seen[identity] = path
+    config = first["config"]
+    records = [r for run in runs for r in run["records"]]
+    target = config["eval"]["target_metric"]
+    reference = _reference_variant(records, config["eval"]["reference_method"], target)
+    summary = H.aggregate(records, reference_method=reference, target_metric=target)
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = (f"# {config['report']['title']} (pooled)\n\n{len(seen)} identities × {len(config['seeds'])} seeds, "
+              f"pooled from {len(runs)} runs over disjoint identities ("
+              + "; ".join(f"`{p.parent}`: {len(r['identities'])}" for p, r in zip(paths, runs))
+              + "); mean ± 95% CI (Student t) over identities, each identity's seeds averaged first.\n\n")
+    info = _pooled_info(runs)
+    table, plots = tables_and_curves(out, header, summary, info)
+    results = {"format": RESULTS_FORMAT, "config": config, "sources": [str(p.parent) for p in paths],
+               "identities": list(seen), "methods": info, "summary": summary, "records": records, "table": table,
+               "plots": plots}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default) + "\n")
+    return results
 
 
 def image_grid(path: pathlib.Path, subjects: H.Subjects, final_samples: Mapping[str, list[np.ndarray]],
