@@ -15,10 +15,10 @@ METHODS = ("meta_lora@lr=0.0003", "lora@lr=0.0003", "lora@lr=0.001")
 STEPS = (0, 25, 50)
 
 
-def _config(identities, lr=3e-4):
+def _config(identities, lr=3e-4, seeds=(0, 1)):
     return {"protocol": {"identities": list(identities), "num_identities": len(identities), "shots": 1},
             "eval": {"reference_method": "lora", "target_metric": "heldout_loss"},
-            "report": {"title": "study"}, "seeds": [0, 1], "methods": ["meta_lora", "lora"],
+            "report": {"title": "study"}, "seeds": list(seeds), "methods": ["meta_lora", "lora"],
             "adapt": {"learning_rate": lr}}
 
 
@@ -61,7 +61,9 @@ def test_pool_equals_one_run_over_all_identities(tmp_path):
             np.testing.assert_allclose(got[method]["ci"], want[method]["ci"])
             assert got[method]["n"] == [5] * len(STEPS)  # intervals over the 5 identities, seeds averaged
     assert pooled["summary"]["target"] == expected["target"]
-    assert pooled["sources"] == [str(a), str(b)]
+    assert pooled["sources"] == [{"workdir": str(a), "identities": [1100, 1101, 1102]},
+                                 {"workdir": str(b), "identities": [1108, 1109]}]
+    assert "identities" not in pooled["config"]["protocol"] and pooled["config"]["protocol"]["shots"] == 1
     assert sorted(pooled["identities"]) == [1100, 1101, 1102, 1108, 1109]
     assert pooled["methods"][METHODS[0]]["cell_seconds"] == [10.0, 11.0, 10.0, 11.0]
     table = (out / "table.md").read_text()
@@ -77,10 +79,11 @@ def test_pool_refuses_a_shared_identity(tmp_path):
         benchmark.pool([a, b], tmp_path / "out")
 
 
-def test_pool_refuses_runs_with_other_settings(tmp_path):
+@pytest.mark.parametrize("other,message", [({"lr": 1e-3}, "other settings"), ({"seeds": (0, 2)}, "has seeds")])
+def test_pool_refuses_runs_with_other_settings(tmp_path, other, message):
     a, _ = _run(tmp_path, "a", (1100,), seed=0)
-    b, _ = _run(tmp_path, "b", (1101,), seed=1, lr=1e-3)
-    with pytest.raises(ValueError, match="other settings"):
+    b, _ = _run(tmp_path, "b", (1101,), seed=1, **other)
+    with pytest.raises(ValueError, match=message):
         benchmark.pool([a, b], tmp_path / "out")
 
 

@@ -143,14 +143,18 @@ def config_fingerprint(config: ml_collections.ConfigDict, method: str | None = N
     method's, so adding a method or retuning another one keeps the finished cells valid.
     """
     d = config_to_dict(config)
-    for k in ("methods", "seeds", "report", "progress"):
-        d.pop(k, None)
     if method is not None:
         sections = d.get("method", {})
         d["method"] = {method: sections.get(method)}
         uses = (sections.get(method) or {}).get("personalize")  # megaportrait: its adaptation is that method's
         if uses:
             d["method"][uses] = sections.get(uses)
+    return _hash_settings(d)
+
+
+def _hash_settings(config: Mapping[str, Any]) -> str:
+    """Hash of a config dict without the method and seed lists and the reporting keys (they change no number)."""
+    d = {k: v for k, v in config.items() if k not in ("methods", "seeds", "report", "progress")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -427,14 +431,10 @@ def tables_and_curves(workdir: pathlib.Path, header: str, summary: Mapping[str, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _settings_fingerprint(config: Mapping[str, Any]) -> str:
-    """Hash of a results.json config without the choice of identities (and what never changes a number)."""
-    d = json.loads(json.dumps(config, default=str))
-    for k in ("methods", "report", "progress"):
-        d.pop(k, None)
-    for k in ("identities", "num_identities"):
-        d.get("protocol", {}).pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def _shared_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A results.json config without its choice of identities: what runs to be pooled must share."""
+    protocol = {k: v for k, v in config.get("protocol", {}).items() if k not in ("identities", "num_identities")}
+    return {**config, "protocol": protocol}
 
 
 def _pooled_info(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -457,7 +457,8 @@ def pool(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> dic
 
     The runs must agree on every setting except the identities (seeds and method variants included) and share no
     identity: pooling two runs of one identity would count its seeds as new identities. Writes ``results.json``
-    (with ``sources``), ``table.md`` and the curve plots to ``out``; returns the results dict.
+    (``config``: the shared settings; ``sources``: each run's folder and identities), ``table.md`` and the curve
+    plots to ``out``; returns the results dict.
     """
     paths = [pathlib.Path(w) / "results.json" for w in workdirs]
     if len(paths) < 2:
@@ -467,10 +468,13 @@ def pool(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> dic
         raise FileNotFoundError(f"pool: no results.json (unfinished run?): {', '.join(missing)}")
     runs = [json.loads(p.read_text()) for p in paths]
     first = runs[0]
+    settings = _shared_settings(first["config"])
     for path, run in zip(paths[1:], runs[1:]):
-        if _settings_fingerprint(run["config"]) != _settings_fingerprint(first["config"]):
+        if _hash_settings(_shared_settings(run["config"])) != _hash_settings(settings):
             raise ValueError(f"pool: {path} was run with other settings than {paths[0]} (only the identities may "
                              f"differ)")
+        if run["config"]["seeds"] != settings["seeds"]:
+            raise ValueError(f"pool: {path} has seeds {run['config']['seeds']}, {paths[0]} {settings['seeds']}")
         if sorted(run["methods"]) != sorted(first["methods"]):
             raise ValueError(f"pool: {path} has methods {sorted(run['methods'])}, {paths[0]} "
                              f"{sorted(first['methods'])}")
@@ -480,22 +484,21 @@ def pool(workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> dic
             if identity in seen:
                 raise ValueError(f"pool: identity {identity} is in both {seen[identity]} and {path}")
             seen[identity] = path
-    config = first["config"]
     records = [r for run in runs for r in run["records"]]
-    target = config["eval"]["target_metric"]
-    reference = _reference_variant(records, config["eval"]["reference_method"], target)
+    target = settings["eval"]["target_metric"]
+    reference = _reference_variant(records, settings["eval"]["reference_method"], target)
     summary = H.aggregate(records, reference_method=reference, target_metric=target)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    header = (f"# {config['report']['title']} (pooled)\n\n{len(seen)} identities × {len(config['seeds'])} seeds, "
+    header = (f"# {settings['report']['title']} (pooled)\n\n{len(seen)} identities × {len(settings['seeds'])} seeds, "
               f"pooled from {len(runs)} runs over disjoint identities ("
               + "; ".join(f"`{p.parent}`: {len(r['identities'])}" for p, r in zip(paths, runs))
               + "); mean ± 95% CI (Student t) over identities, each identity's seeds averaged first.\n\n")
     info = _pooled_info(runs)
     table, plots = tables_and_curves(out, header, summary, info)
-    results = {"format": RESULTS_FORMAT, "config": config, "sources": [str(p.parent) for p in paths],
-               "identities": list(seen), "methods": info, "summary": summary, "records": records, "table": table,
-               "plots": plots}
+    sources = [{"workdir": str(p.parent), "identities": r["identities"]} for p, r in zip(paths, runs)]
+    results = {"format": RESULTS_FORMAT, "config": settings, "sources": sources, "identities": list(seen),
+               "methods": info, "summary": summary, "records": records, "table": table, "plots": plots}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default) + "\n")
     return results
 
