@@ -92,3 +92,12 @@ def test_pool_names_an_unfinished_run(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(FileNotFoundError, match=r"b/results\.json"):
         benchmark.pool([a, tmp_path / "b"], tmp_path / "out")
+
+
+def test_pool_cli_prints_one_error_line(tmp_path, capsys):
+    a, _ = _run(tmp_path, "a", (1100,), seed=0)
+    with pytest.raises(SystemExit) as exit_info:
+        pool_cli.main([str(a), str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: pool: no results.json") and "missing" in err[0]

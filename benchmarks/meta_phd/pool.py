@@ -10,6 +10,7 @@ The runs must share every setting but ``protocol.identities`` / ``num_identities
 from __future__ import annotations
 
 import argparse
+import sys
 
 from metalora.eval import benchmark
 
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("runs", nargs="+", help="workdirs of finished benchmark runs (each with results.json)")
     parser.add_argument("--out", required=True, help="folder for the pooled results.json, table.md and plots")
     args = parser.parse_args(argv)
-    results = benchmark.pool(args.runs, args.out)
+    try:
+        results = benchmark.pool(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as e:  # a wrong folder or runs that cannot be pooled: one line, no trace
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(results["table"])
     print(f"pooled {len(results['identities'])} identities from {len(args.runs)} runs: {args.out}")
     return results
