@@ -36,6 +36,8 @@ def _run(tmp_path, name, identities, seed, **config_kwargs):
                                     "heldout_loss": loss})
     info = {m: {"trainable_parameters": 1000 * (i + 1), "learning_rate": 3e-4, "seconds_per_step_all_subjects":
                 [0.4, 0.5], "cell_seconds": [10.0, 11.0]} for i, m in enumerate(METHODS)}
+    for i in info.values():
+        i["frechet_to_heldout"] = float(seed)  # a number of one run's samples: not the pooled run's
     workdir = tmp_path / name
     workdir.mkdir()
     results = {"config": _config(identities, **config_kwargs), "identities": list(identities), "methods": info,
@@ -66,6 +68,8 @@ def test_pool_equals_one_run_over_all_identities(tmp_path):
     assert "identities" not in pooled["config"]["protocol"] and pooled["config"]["protocol"]["shots"] == 1
     assert sorted(pooled["identities"]) == [1100, 1101, 1102, 1108, 1109]
     assert pooled["methods"][METHODS[0]]["cell_seconds"] == [10.0, 11.0, 10.0, 11.0]
+    assert pooled["methods"][METHODS[1]]["trainable_parameters"] == 2000
+    assert "frechet_to_heldout" not in pooled["methods"][METHODS[0]]
     table = (out / "table.md").read_text()
     assert "5 identities × 2 seeds" in table and "difference from" in table
     assert json.loads((out / "results.json").read_text())["summary"]["final"].keys() == set(METHODS)

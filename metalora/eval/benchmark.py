@@ -438,16 +438,20 @@ def _shared_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _pooled_info(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per-variant info of several runs: lists (per-cell timings) concatenated, anything else from the first run."""
+    """Per-variant info of several runs: lists (per-cell timings) concatenated; any other value kept where every run
+    has the same (parameter counts, rates) and left out where they differ (a run-level number such as the Fréchet
+    distance of one run's samples is not the pooled run's)."""
     info: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        for variant, i in run["methods"].items():
-            merged = info.setdefault(variant, {})
-            for key, value in i.items():
-                if isinstance(value, list):
-                    merged.setdefault(key, []).extend(value)
-                else:
-                    merged.setdefault(key, value)
+    for variant in dict.fromkeys(v for run in runs for v in run["methods"]):
+        per_run = [run["methods"].get(variant, {}) for run in runs]
+        merged: dict[str, Any] = {}
+        for key in dict.fromkeys(k for i in per_run for k in i):
+            values = [i.get(key) for i in per_run]
+            if all(isinstance(v, list) for v in values):
+                merged[key] = [x for v in values for x in v]
+            elif all(v == values[0] for v in values):
+                merged[key] = values[0]
+        info[variant] = merged
     return info
 
 
