@@ -12,7 +12,8 @@ sweep of 3 each), ``"baselines"`` (a learning-rate sweep of 3 for textual invers
 (held-out LFW identities, judged by dlib's face descriptor; needs the LFW base from ``configs/base_lfw.py`` at
 ``runs/base_lfw/base_model``, a Meta-Down from ``configs/meta_lora_tiny.py:lfw`` at ``runs/meta_lfw/meta_down``, an ID
 encoder from ``configs/id_encoder_tiny.py:lfw`` at ``runs/id_encoder_lfw`` and ``pip install -e ".[faces]"``),
-``"smoke"`` (random tiny base, a few steps, the ``smoke`` dataset, no probes).
+``"smoke"`` (random tiny base, a few steps, the ``smoke`` dataset, no probes). ``"study,lfw"`` and
+``"baselines,lfw"`` run a sweep on the LFW track (its base, Meta-Down and judge).
 """
 
 import ml_collections
@@ -24,11 +25,19 @@ DEFAULT_ID_ENCODER = "assets/id_encoder_tiny"
 DEFAULT_CONTROLNET = "assets/controlnet_tiny"
 
 
+def _parse_arg(arg: str) -> set[str]:
+    """``arg`` is one variant or ``study,lfw`` / ``baselines,lfw`` (a sweep on the real-photo track)."""
+    parts = arg.split(",") if arg else []
+    allowed = [set(), {"smoke"}, {"study"}, {"baselines"}, {"lfw"}, {"study", "lfw"}, {"baselines", "lfw"}]
+    if set(parts) not in allowed or len(set(parts)) != len(parts):
+        raise ValueError(f"configs/meta_phd_tiny.py: unknown argument {arg!r}; use '', 'smoke', 'study', 'baselines', "
+                         "'lfw', 'study,lfw' or 'baselines,lfw'")
+    return set(parts)
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in ("", "smoke", "study", "baselines", "lfw"):
-        raise ValueError(f"configs/meta_phd_tiny.py: unknown argument {arg!r}; use '', 'smoke', 'study', 'baselines' "
-                         "or 'lfw'")
-    smoke = arg == "smoke"
+    variants = _parse_arg(arg)
+    smoke = "smoke" in variants
     c = ml_collections.ConfigDict()
     c.seed = 0  # protocol seed: which photos are references / held out, which prompts
     c.seeds = (0, 1)  # adaptation + sampling seeds per method
@@ -130,7 +139,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.report.title = "Meta-PHD-style benchmark (procedural world)"
     c.report.grid_identities = 3
 
-    if arg == "study":  # "does it work": held-out loss vs steps, Meta-LoRA vs LoRA, an LR sweep of 3 for each
+    if "study" in variants:  # "does it work": held-out loss vs steps, Meta-LoRA vs LoRA, an LR sweep of 3 for each
         c.methods = ("meta_lora", "lora")
         sweep = (3e-4, 1e-3, 3e-3)  # brackets the best LR: 1e-3 was the lowest and best of (1e-3, 3e-3, 1e-2)
         # new sections: a field that holds a float cannot be overridden with a tuple
@@ -141,7 +150,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.sample.at = "final"
         c.eval.target_metric = "heldout_loss"
         c.report.title = "Does it work? Held-out denoising loss vs adaptation steps, Meta-LoRA vs LoRA"
-    if arg == "baselines":  # are the baselines' learning rates fair? A sweep of 3 around each default (×1/3, ×3)
+    if "baselines" in variants:  # are the baselines' learning rates fair? A sweep of 3 around each default (×1/3, ×3)
         c.methods = ("textual_inversion", "dreambooth", "attn_dreambooth")
         c.method.textual_inversion = ml_collections.ConfigDict({"learning_rate": (1.5e-3, 5e-3, 1.5e-2)})
         c.method.dreambooth = ml_collections.ConfigDict({"learning_rate": (6e-5, 2e-4, 6e-4),
@@ -152,7 +161,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.method.attn_dreambooth.to_dict() | {"learning_rate": (0.3, 1.0, 3.0)})
         c.sample.at = "final"
         c.report.title = "Baseline learning-rate sweep (textual inversion, DreamBooth, AttnDreamBooth)"
-    if arg == "lfw":  # real photos: no attribute labels, so no probes; identity judged by a real face model
+    if "lfw" in variants:  # real photos: no attribute labels, so no probes; identity judged by a real face model
         c.base.path = "runs/base_lfw/base_model"
         c.methods = tuple(m for m in c.methods if m != "megaportrait")  # templates need the world's ground truth
         c.data.source = "folders"
@@ -162,7 +171,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.sample.seeds_per_prompt = 8  # real photos have one prompt (the class prompt): more seeds per identity
         c.probes = ""
         c.judge = "dlib"
-        c.report.title = "Meta-PHD-style benchmark (held-out LFW identities, dlib FaceSim)"
+        c.report.title = (f"{c.report.title} (held-out LFW identities)" if variants != {"lfw"}
+                          else "Meta-PHD-style benchmark (held-out LFW identities, dlib FaceSim)")
     if smoke:
         c.seeds = (0,)
         c.base.path = "random:smoke"

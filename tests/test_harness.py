@@ -349,6 +349,23 @@ def test_every_benchmark_config_variant_builds_its_method_list():
     assert "megaportrait" not in meta_phd_tiny.get_config("lfw").methods  # its templates need the world's truth
 
 
+def test_a_sweep_composes_with_the_lfw_track():
+    study, lfw = meta_phd_tiny.get_config("study"), meta_phd_tiny.get_config("lfw")
+    lfw_study = meta_phd_tiny.get_config("study,lfw")
+    assert [v for v, _, _ in benchmark.variants(lfw_study)] == [v for v, _, _ in benchmark.variants(study)]
+    # the sweep's protocol and the track's models, data and judge
+    assert lfw_study.adapt.eval_steps == study.adapt.eval_steps and lfw_study.eval.target_metric == "heldout_loss"
+    assert lfw_study.method.meta_lora.meta_down == lfw.method.meta_lora.meta_down != study.method.meta_lora.meta_down
+    for key in ("base", "data", "judge", "probes"):
+        assert lfw_study[key] == lfw[key], key
+    assert "LFW" in lfw_study.report.title and "Does it work" in lfw_study.report.title
+    assert [v for v, _, _ in benchmark.variants(meta_phd_tiny.get_config("baselines,lfw"))] == [
+        v for v, _, _ in benchmark.variants(meta_phd_tiny.get_config("baselines"))]
+    for bad in ("study,baselines", "smoke,lfw", "study,study", "lfw,", "studies"):
+        with pytest.raises(ValueError, match="unknown argument"):
+            meta_phd_tiny.get_config(bad)
+
+
 def _fake_subjects(seeds_per_prompt: int) -> H.Subjects:
     """One subject: 1 reference, 2 held-out photos, 2 prompts × ``seeds_per_prompt`` samples (images 2×2 px)."""
     from metalora.data import protocol
