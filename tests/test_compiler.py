@@ -49,6 +49,16 @@ def test_convolutions_leave_the_library_fusion():
     assert _library_conv_fusions(ours) == 0
 
 
+def test_reductions_stay_on_the_library():
+    # Naming the fusion types replaces XLA's default list; without REDUCE every long reduction becomes a
+    # reduce-window of 32 plus a second reduce (two small kernels), measured 13 % of the pretraining step.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4096, 64), dtype=np.float32))
+    text = jit(lambda a: a.sum(0)).lower(x).compile().as_text()
+    assert "reduce-window" not in text
+    assert re.search(r"kind=kCustom[^\n]*reduce_sum", text)
+    np.testing.assert_allclose(jit(lambda a: a.sum(0))(x), np.asarray(x, np.float64).sum(0), rtol=0, atol=2e-4)
+
+
 def test_values_and_gradients_match_plain_jit():
     x, w = _conv_inputs()
     loss = lambda x, w: jnp.sum(jnp.tanh(_conv(x, w)) ** 2)
