@@ -21,6 +21,10 @@ Why each option (measured on the project's 2-core AMD EPYC machine, ``python -m 
   model's pretraining step 862 → 752 ms (-13 %), DDIM sampling 2.28 → 2.51 images/s, the LoRA step of
   ``benchmarks/speed.py`` unchanged (194 vs 197 ms). Sums change in the last bits (a different order), no less
   precise: over 32768 × 64 f32 values the error against float64 is 7e-5 vs 1e-4 before.
+* Not added: ``LIBRARY_FUSION_TYPE_ELTWISE`` and ``LIBRARY_FUSION_TYPE_DOT`` (dots fused with their elementwise
+  neighbours). Interleaved in one process (2026-12-02, medians of 10-12 turns): LoRA step 252 / 238 / 250 / 245 ms
+  and pretraining step 818 / 804 / 821 / 858 ms for the current list / +ELTWISE / DOT instead of INDIVIDUAL_DOT /
+  DOT + ELTWISE, all within the ±10 % turn-to-turn noise of this VM.
 
 The options are resolved lazily, on the first call of a jitted function (so importing the library does not start
 a backend), and only for a CPU default backend. If the installed jaxlib rejects them (a renamed experimental flag
