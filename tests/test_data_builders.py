@@ -1,6 +1,10 @@
 """tfds builders without TensorFlow: round trips, split disjointness, folder builds, configs."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +23,45 @@ def test_default_data_dir_outside_repo(monkeypatch, tmp_path):
     assert builders.default_data_dir().parts[-3:] == (".cache", "metalora", "tfds")
     monkeypatch.setenv(builders.DATA_DIR_ENV, str(tmp_path))
     assert builders.default_data_dir() == tmp_path
+
+
+def test_prepare_reads_splits_that_another_builder_generated(tmp_path):
+    stale = builders.synth_builder("smoke", data_dir=tmp_path)  # created before the data exists, as in a 2nd process
+    assert not stale.info.splits
+    builders.prepare(builders.synth_builder("smoke", data_dir=tmp_path))
+    assert len(builders.data_source(stale, "test", decode_images=False)) == len(
+        builders.data_source(builders.synth_builder("smoke", data_dir=tmp_path), "test", decode_images=False))
+
+
+_PREPARE_WHEN_TOLD = """
+import pathlib, sys, time
+from metalora.data import builders
+data_dir, ready, go = sys.argv[1:]
+pathlib.Path(ready).touch()
+while not pathlib.Path(go).exists():
+    time.sleep(0.01)
+builder = builders.prepare(builders.synth_builder("smoke", data_dir=data_dir))
+print(len(builders.data_source(builder, "meta_train", decode_images=False)))
+"""
+
+
+def test_concurrent_prepares_of_one_cache_both_succeed(tmp_path):
+    # Two processes generate the same empty cache at the same moment (xdist workers on a fresh machine). Without
+    # the lock in builders.prepare the second fails renaming tfds's temporary folder onto the finished one.
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_WHEN_TOLD, str(tmp_path / "tfds"), str(r), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in ready]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    counts = {int(out.split()[-1]) for out, _ in outs}
+    assert len(counts) == 1 and counts.pop() > 0
 
 
 def test_default_config_sizes():

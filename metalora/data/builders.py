@@ -11,7 +11,9 @@ use :func:`identity_index`, which reads the order from the records instead of as
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -308,9 +310,28 @@ def track_builder(data, *, resolution: int) -> tfds.core.DatasetBuilder:
     raise ValueError(f"config.data.source={data.source!r}; choose 'synth' or 'folders'")
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path):
+    """Hold an exclusive advisory lock on ``lock_path`` (created if missing) for the ``with`` block."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, also if generation raises
+        yield
+
+
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-    """Generate the dataset unless it is already in the cache; returns the builder for chaining."""
-    builder.download_and_prepare()
+    """Generate the dataset unless it is already in the cache; returns the builder for chaining.
+
+    Processes that share a cache (pytest-xdist workers, two jobs started together on a fresh machine) take turns on
+    a lock file next to the version folder: tfds generates into a temporary folder and renames it at the end, and
+    the second of two concurrent generations fails on that rename. Whoever waited then finds the data prepared, and
+    its builder, created before the data existed, reads the dataset info (the splits) from disk.
+    """
+    data_dir = pathlib.Path(builder.data_dir)
+    with _exclusive(data_dir.parent / f".{data_dir.name}.prepare.lock"):
+        builder.download_and_prepare()
+    if not builder.info.splits:
+        builder.info.read_from_directory(builder.data_dir)
     return builder
 
 
