@@ -25,6 +25,9 @@ Why each option (measured on the project's 2-core AMD EPYC machine, ``python -m 
   neighbours). Interleaved in one process (2026-12-02, medians of 10-12 turns): LoRA step 252 / 238 / 250 / 245 ms
   and pretraining step 818 / 804 / 821 / 858 ms for the current list / +ELTWISE / DOT instead of INDIVIDUAL_DOT /
   DOT + ELTWISE, all within the ±10 % turn-to-turn noise of this VM.
+* Not added either (2026-12-02, same alternation, 12 / 10 turns): ``xla_cpu_prefer_vector_width=512`` (the host has
+  AVX-512) and ``xla_cpu_enable_concurrency_optimized_scheduler=False``: LoRA step 193 / 192 / 192 ms, pretraining
+  step 758 / 799 / 755 ms for the current options / 512-bit vectors / the plain scheduler.
 
 The options are resolved lazily, on the first call of a jitted function (so importing the library does not start
 a backend), and only for a CPU default backend. If the installed jaxlib rejects them (a renamed experimental flag
