@@ -175,13 +175,6 @@ def _pretrain_step(args) -> tuple[Callable[[], None], str]:
 PROGRAMS = {"lora_step": _lora_step, "pretrain_step": _pretrain_step}
 
 
-def _table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-                     + ["| " + " | ".join(fmt(row[k]) for k in keys) + " |" for row in rows])
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--program", choices=sorted(PROGRAMS), default="lora_step")
@@ -196,6 +189,7 @@ def main(argv=None) -> dict:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
 
+    from benchmarks.speed import _table
     from metalora.train.io import atomic_write_text
 
     run, hlo_text = PROGRAMS[args.program](args)
