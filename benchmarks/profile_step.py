@@ -7,7 +7,7 @@ Programs: ``lora_step`` is the LoRA adaptation step that ``benchmarks/speed.py``
 same function); ``pretrain_step`` is the base model's pretraining step of ``--config`` on real batches (the step
 ``experiments/pretrain_base.py`` runs).
 
-How: the step is compiled and run once, then traced for ``--steps`` calls with a Perfetto trace (plain JSON, so no
+How: the step is compiled once and run once, then traced for ``--steps`` calls with a Perfetto trace (plain JSON, so no
 profiler plugin is needed to read it). XLA:CPU records one event per executed HLO instruction (thunk), named as
 the instruction; each is matched with the compiled HLO text for its opcode, fusion kind and the JAX operation that
 produced it (``metadata.op_name``). Times are *exclusive* (a ``while`` loop's own time excludes its body's ops) and
@@ -41,7 +41,8 @@ _NOT_AN_OP = ("ThreadpoolListener::", "ThunkExecutor::", "end: ")
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
-    """instruction name -> {"opcode", "category", "jax_op"} for every instruction of a compiled module's text."""
+    """instruction name -> {"opcode", "category", "jax_op", "phase"} for every instruction of a compiled module's
+    text."""
     table = {}
     for line in hlo_text.splitlines():
         match = _INSTRUCTION.match(line)
@@ -95,7 +96,8 @@ def exclusive_times(events: Iterable[Mapping]) -> list[tuple[str, float]]:
 
 def summarize(events: Iterable[Mapping], instructions: Mapping[str, Mapping[str, str]], steps: int,
               top: int) -> dict[str, list[dict]]:
-    """Per-step op time (ms) grouped by category, by JAX operation and by instruction, largest first."""
+    """Per-step op time (ms) grouped by phase, by category, by JAX operation and by (the ``top``) instructions,
+    largest first."""
     groups = {key: collections.Counter() for key in ("phase", "category", "jax_op", "instruction")}
     calls = {key: collections.Counter() for key in groups}
     for name, excl_us in exclusive_times(events):
@@ -149,7 +151,8 @@ def _lora_step(args) -> tuple[Callable[[], None], str]:
     shape = types.SimpleNamespace(batch=args.batch, size=args.size, rank=args.rank)
     inputs = speed._lora_inputs(shape)
     step, init, _ = speed._metalora_lora_step(shape, *inputs)
-    return speed._stepper(step, init), step.lower(*init).compile().as_text()
+    compiled = step.lower(*init).compile()  # run this executable too: its text is what the trace shows
+    return speed._stepper(compiled, init), compiled.as_text()
 
 
 def _pretrain_step(args) -> tuple[Callable[[], None], str]:
@@ -157,19 +160,22 @@ def _pretrain_step(args) -> tuple[Callable[[], None], str]:
 
     from experiments import pretrain_base
     from metalora.config_utils import parse_cli
+    from metalora.train.step import TrainStep
 
     config = parse_cli(["profile_step", f"--config={args.config}"], require_workdir=False).config
     model = pretrain_base.build_model(config)
     state, step = pretrain_base.make_state_and_step(config, model)
     data = pretrain_base.make_data(config, model.tokenizer)
     batch, key = next(data), jax.random.key(config.seed + 2)
+    compiled = step.lower(state, batch, key).compile()  # run this executable too: its text is what the trace shows
+    run_step = TrainStep(compiled)  # the step's public (state, batch, key) signature around the executable
     box = [state]
 
     def run():
-        box[0], metrics = step(box[0], batch, key)
+        box[0], metrics = run_step(box[0], batch, key)
         jax.block_until_ready(metrics)
 
-    return run, step.lower(state, batch, key).compile().as_text()
+    return run, compiled.as_text()
 
 
 PROGRAMS = {"lora_step": _lora_step, "pretrain_step": _pretrain_step}
@@ -193,7 +199,7 @@ def main(argv=None) -> dict:
     from metalora.train.io import atomic_write_text
 
     run, hlo_text = PROGRAMS[args.program](args)
-    run()  # compile and warm up outside the trace
+    run()  # warm up outside the trace
     result = {"program": args.program, "args": vars(args), **profile(run, hlo_text, args.steps, args.top)}
     print(f"{args.program}: wall {result['wall_ms_per_step']:.1f} ms/step (median of {args.steps}), "
           f"op time {result['op_ms_per_step']:.1f} ms/step (summed over XLA's threads)")
