@@ -1,19 +1,23 @@
 """Where a compiled step spends its time: a ``jax.profiler`` trace of a few calls, summed per XLA op.
 
-    python -m benchmarks.profile_step [--program lora_step|pretrain_step] [--steps 5] [--top 20]
+    python -m benchmarks.profile_step [--program lora_step|pretrain_step|sampling] [--steps 5] [--top 20]
                                       [--config configs/base_tiny.py] [--out runs/profile_<program>.json]
 
 Programs: ``lora_step`` is the LoRA adaptation step that ``benchmarks/speed.py`` times against diffusers + PEFT (the
 same function); ``pretrain_step`` is the base model's pretraining step of ``--config`` on real batches (the step
-``experiments/pretrain_base.py`` runs).
+``experiments/pretrain_base.py`` runs); ``sampling`` is one call of the DDIM + CFG sampler that ``benchmarks/speed.py``
+times against the diffusers loop (``--sample-steps`` UNet evaluations on a batch of 2·``--batch``).
 
 How: the step is compiled once and run once, then traced for ``--steps`` calls with a Perfetto trace (plain JSON, so no
 profiler plugin is needed to read it). XLA:CPU records one event per executed HLO instruction (thunk), named as
 the instruction; each is matched with the compiled HLO text for its opcode, fusion kind and the JAX operation that
 produced it (``metadata.op_name``). Times are *exclusive* (a ``while`` loop's own time excludes its body's ops) and
-summed over XLA's threads, so "op time" can exceed wall time when two thunks run at once. Four tables: by phase
-(forward, backward, outside the gradient: optimizer, EMA, metrics), by category (opcode; fusions by kind, YNNPACK
-library calls apart), by JAX operation, and the top instructions.
+summed over XLA's threads, so "op time" can exceed wall time when two thunks run at once. Op time misses work XLA
+runs asynchronously: a convolution's thunk ends when Eigen's threads have its work, not when they finish it. So every
+row also has ``idle_after_ms``, the time no instruction ran after that row's instructions (:func:`idle_after`): after
+a convolution that is mostly its own work, elsewhere runtime overhead. Four tables, largest op + idle time first: by
+phase (forward, backward, outside the gradient: optimizer, EMA, metrics), by category (opcode; fusions by kind,
+YNNPACK library calls apart), by JAX operation, and the top instructions.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ _KIND = re.compile(r"\bkind=(k\w+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Events of the runtime itself, not of an instruction.
 _NOT_AN_OP = ("ThreadpoolListener::", "ThunkExecutor::", "end: ")
+# Instructions whose trace events contain other instructions' events.
+_CONTAINERS = ("while", "conditional", "call")
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
@@ -94,25 +100,78 @@ def exclusive_times(events: Iterable[Mapping]) -> list[tuple[str, float]]:
     return out
 
 
+def idle_after(events: Iterable[Mapping], instructions: Mapping[str, Mapping[str, str]]) -> list[tuple[str, float]]:
+    """(instruction, idle µs) for every stretch of an execution in which no instruction runs on any thread.
+
+    An execution is the span of a ``ThunkExecutor::Execute (wait for completion)`` event; an idle stretch lasts until
+    the next instruction starts or the execution ends. Such time is not all runtime overhead: XLA:CPU runs its
+    (Eigen) convolutions asynchronously, so a convolution's thunk returns once the work is queued on Eigen's threads
+    and the work itself shows up as idle time after it (in the sampler, ~12x the thunk's own time; the trace's
+    thread-pool events do not name the instruction they work for). So an idle stretch is charged to the last
+    convolution that began in the busy stretch before it (a small op running beside the convolution's thunk often
+    ends after it), else to the instruction that ended last. Loops and calls (``while``, ``conditional``, ``call``)
+    are not instructions here: their events span their bodies' gaps.
+    """
+    ops, windows = [], []
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        if e["name"].startswith("ThunkExecutor::Execute (wait for completion)"):
+            windows.append((start, end))
+        elif e["name"] in instructions and instructions[e["name"]]["opcode"] not in _CONTAINERS:
+            ops.append((start, end, e["name"]))
+    ops.sort()
+    out = []
+    for w_start, w_end in sorted(windows):
+        inside = [op for op in ops if w_start <= op[0] <= w_end]
+        if not inside:
+            continue
+        covered_end, ended_last, conv = inside[0][1], inside[0][2], None
+        for start, end, name in inside:
+            if start > covered_end:  # an idle stretch: charge it, then a new busy stretch begins here
+                out.append((conv or ended_last, start - covered_end))
+                conv = None
+            if instructions[name]["opcode"] == "convolution":
+                conv = name
+            if end >= covered_end:
+                covered_end, ended_last = end, name
+        if w_end > covered_end:
+            out.append((conv or ended_last, w_end - covered_end))
+    return out
+
+
 def summarize(events: Iterable[Mapping], instructions: Mapping[str, Mapping[str, str]], steps: int,
               top: int) -> dict[str, list[dict]]:
-    """Per-step op time (ms) grouped by phase, by category, by JAX operation and by (the ``top``) instructions,
-    largest first."""
-    groups = {key: collections.Counter() for key in ("phase", "category", "jax_op", "instruction")}
-    calls = {key: collections.Counter() for key in groups}
+    """Per-step op time (ms) and the idle time after those ops (:func:`idle_after`), grouped by phase, by category, by
+    JAX operation and by (the ``top``) instructions, largest sum first."""
+    events = list(events)
+    keys = ("phase", "category", "jax_op", "instruction")
+    groups = {key: collections.Counter() for key in keys}
+    idle = {key: collections.Counter() for key in keys}
+    calls = {key: collections.Counter() for key in keys}
+
+    def labels(name):
+        info = instructions[name]
+        return (("phase", info["phase"]), ("category", info["category"]), ("jax_op", info["jax_op"]),
+                ("instruction", f"{name} ({info['category']}, {info['jax_op']})"))
+
     for name, excl_us in exclusive_times(events):
         if name.startswith(_NOT_AN_OP) or name not in instructions:
             continue  # runtime bookkeeping and Python-side events
-        info = instructions[name]
-        for key, label in (("phase", info["phase"]), ("category", info["category"]), ("jax_op", info["jax_op"]),
-                           ("instruction", f"{name} ({info['category']}, {info['jax_op']})")):
+        for key, label in labels(name):
             groups[key][label] += excl_us
             calls[key][label] += 1
+    for name, idle_us in idle_after(events, instructions):
+        for key, label in labels(name):
+            idle[key][label] += idle_us
     total = sum(groups["category"].values()) or 1.0
     tables = {}
     for key, counter in groups.items():
-        rows = [{key: label, "ms_per_step": us / 1e3 / steps, "share": us / total,
-                 "calls_per_step": calls[key][label] / steps} for label, us in counter.most_common()]
+        order = sorted(counter, key=lambda label: -(counter[label] + idle[key][label]))
+        rows = [{key: label, "ms_per_step": counter[label] / 1e3 / steps, "share": counter[label] / total,
+                 "calls_per_step": calls[key][label] / steps, "idle_after_ms": idle[key][label] / 1e3 / steps}
+                for label in order]
         tables[key] = rows[:top] if key == "instruction" else rows
     return tables
 
@@ -140,7 +199,18 @@ def profile(run: Callable[[], None], hlo_text: str, steps: int, top: int) -> dic
         events = _trace_events(pathlib.Path(tmp))
     tables = summarize(events, instructions, steps, top)
     op_ms = sum(row["ms_per_step"] for row in tables["category"])
-    return {"wall_ms_per_step": 1e3 * statistics.median(walls), "op_ms_per_step": op_ms, **tables}
+    idle_ms = sum(row["idle_after_ms"] for row in tables["category"])
+    return {"wall_ms_per_step": 1e3 * statistics.median(walls), "op_ms_per_step": op_ms, "idle_ms_per_step": idle_ms,
+            "complete": trace_complete(events, instructions, steps), **tables}
+
+
+def trace_complete(events: Iterable[Mapping], instructions: Mapping[str, Mapping[str, str]], steps: int) -> bool:
+    """Whether every instruction ran a multiple of ``steps`` times, as it does in a program without data-dependent
+    branches or trip counts. The profiler drops events silently once its buffer is full (seen with 5 calls of the
+    25-step sampler, ~125,000 instruction events), which this catches."""
+    counts = collections.Counter(e["name"] for e in events
+                                 if e.get("ph") == "X" and "dur" in e and e["name"] in instructions)
+    return all(count % steps == 0 for count in counts.values())
 
 
 def _lora_step(args) -> tuple[Callable[[], None], str]:
@@ -178,7 +248,29 @@ def _pretrain_step(args) -> tuple[Callable[[], None], str]:
     return run, compiled.as_text()
 
 
-PROGRAMS = {"lora_step": _lora_step, "pretrain_step": _pretrain_step}
+def _sampling(args) -> tuple[Callable[[], None], str]:
+    import types
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from benchmarks import speed
+    from metalora.models.unet import UNet2DConditionModel, UNetConfig
+
+    shape = types.SimpleNamespace(batch=args.batch, size=args.size)
+    noise, cond, uncond = speed._sampling_inputs(shape)
+    model = UNet2DConditionModel(UNetConfig(**speed.SMALL_UNET), rngs=nnx.Rngs(0))
+    sample, params = speed._metalora_sampler(model, args.sample_steps)
+    inputs = (params, jnp.asarray(noise.transpose(0, 2, 3, 1)), jnp.asarray(cond), jnp.asarray(uncond))
+    compiled = sample.lower(*inputs).compile()  # run this executable too: its text is what the trace shows
+
+    def run():
+        compiled(*inputs).block_until_ready()
+
+    return run, compiled.as_text()
+
+
+PROGRAMS = {"lora_step": _lora_step, "pretrain_step": _pretrain_step, "sampling": _sampling}
 
 
 def main(argv=None) -> dict:
@@ -190,6 +282,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8, help="lora_step: as benchmarks/speed.py")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--sample-steps", type=int, default=25, help="sampling: DDIM steps, as benchmarks/speed.py")
     parser.add_argument("--out", default="", help="JSON path (default runs/profile_<program>.json)")
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -202,7 +295,11 @@ def main(argv=None) -> dict:
     run()  # warm up outside the trace
     result = {"program": args.program, "args": vars(args), **profile(run, hlo_text, args.steps, args.top)}
     print(f"{args.program}: wall {result['wall_ms_per_step']:.1f} ms/step (median of {args.steps}), "
-          f"op time {result['op_ms_per_step']:.1f} ms/step (summed over XLA's threads)")
+          f"op time {result['op_ms_per_step']:.1f} ms/step (summed over XLA's threads), idle between ops "
+          f"{result['idle_ms_per_step']:.1f} ms/step (column idle_after_ms: after which ops)")
+    if not result["complete"]:
+        print(f"WARNING: some instructions ran a number of times that is not a multiple of --steps {args.steps}: the "
+              "trace dropped events (its buffer was full) or the program branches on data; trace fewer steps")
     for key in ("phase", "category", "jax_op", "instruction"):
         print(f"\n## by {key}\n\n{_table(result[key])}")
     out = pathlib.Path(args.out or f"runs/profile_{args.program}.json")

@@ -223,7 +223,8 @@ def _sampling_inputs(args):
 
 
 def _metalora_sampler(model, steps: int):
-    """``sample(noise_nhwc, cond, uncond) -> x0`` for ``model``: DDIM + CFG, the whole loop one jitted program."""
+    """``(sample, params)``: ``sample(params, noise_nhwc, cond, uncond) -> x0`` is DDIM + CFG for ``model``, the
+    whole loop one jitted program (``benchmarks/profile_step.py`` profiles the same function)."""
     import functools
 
     from flax import nnx
@@ -237,11 +238,11 @@ def _metalora_sampler(model, steps: int):
     schedule = NoiseSchedule.create(**SD_DDIM)
 
     @jit
-    def sample(params, schedule, noise, cond, uncond):
+    def sample(params, noise, cond, uncond):
         return ddim_sample(model_fn, params, schedule, noise, cond, uncond, num_inference_steps=steps,
                            guidance_scale=GUIDANCE_SCALE)
 
-    return lambda noise, cond, uncond: sample(params, schedule, noise, cond, uncond)
+    return sample, params
 
 
 def _torch_sampler(unet, steps: int):
@@ -282,7 +283,11 @@ def bench_sampling(args) -> list[dict]:
     unet = TorchUNet(**SMALL_UNET, sample_size=args.size).eval()
     unet.load_state_dict({k: torch.tensor(v) for k, v in export_torch_state(model).items()})
     noise, cond, uncond = _sampling_inputs(args)
-    ours = _metalora_sampler(model, args.sample_steps)
+    sample, params = _metalora_sampler(model, args.sample_steps)
+
+    def ours(noise, cond, uncond):
+        return sample(params, noise, cond, uncond)
+
     theirs = _torch_sampler(unet, args.sample_steps)
     j_in = (jnp.asarray(noise.transpose(0, 2, 3, 1)), jnp.asarray(cond), jnp.asarray(uncond))
     t_in = tuple(map(torch.from_numpy, (noise, cond, uncond)))
