@@ -106,7 +106,7 @@ def idle_after(events: Iterable[Mapping], instructions: Mapping[str, Mapping[str
     An execution is the span of a ``ThunkExecutor::Execute (wait for completion)`` event; an idle stretch lasts until
     the next instruction starts or the execution ends. Such time is not all runtime overhead: XLA:CPU runs its
     (Eigen) convolutions asynchronously, so a convolution's thunk returns once the work is queued on Eigen's threads
-    and the work itself shows up as idle time after it (in the sampler, ~12x the thunk's own time; the trace's
+    and the work itself shows up as idle time after it (in the sampler, ~11x the thunk's own time; the trace's
     thread-pool events do not name the instruction they work for). So an idle stretch is charged to the last
     convolution that began in the busy stretch before it (a small op running beside the convolution's thunk often
     ends after it), else to the instruction that ended last. Loops and calls (``while``, ``conditional``, ``call``)
