@@ -19,7 +19,9 @@
 * Attribute variance share: how much of the training photos' pixel variance each attribute explains. Where the
   noisy image shows nothing, the caption's words can lower the loss by at most their share, so a small share means
   a weak signal to learn that word from (in the procedural world at 32 px: background ~59 %, hat ~4 %, lighting ~2 %,
-  glasses 0.3 %, pose 0.2 %, expression 0.01 %).
+  glasses 0.3 %, pose 0.2 %, expression 0.01 %). Also within the head region (the squared deviations weighted by
+  each photo's head mask): what a loss weighted towards the face could give those words (weights 1 + λ · mask
+  approach it as λ grows).
 
 Prints a Markdown table and writes ``base_quality.json`` and ``base_quality.png`` (samples above, their real
 photos below) to ``--out``.
@@ -37,37 +39,58 @@ import numpy as np
 
 from metalora import host
 from metalora.compiler import jit
-from metalora.data import builders, world
+from metalora.data import builders, controls, world
 from metalora.eval import metrics as M
 from metalora.eval import probes as P
 from metalora.models import base_model as bm
 from metalora.train.io import atomic_write_text, save_image_grid
 
 
-def real_photos(resolution: int, n: int, split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
-    """``n`` photos spread evenly over a split (so over identities), their captions and attributes."""
-    source = builders.data_source(builders.synth_builder(f"r{resolution}"), split)
+def _spread_rows(resolution: int, n: int, split: str, *, decode_images: bool = True) -> list[dict]:
+    """``n`` rows spread evenly over a split (so over identities)."""
+    source = builders.data_source(builders.synth_builder(f"r{resolution}"), split, decode_images=decode_images)
     if not 0 < n <= len(source):
         raise ValueError(f"asked for {n} {split} photos; the split has {len(source)}")
-    rows = [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round()]
+    return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round()]
+
+
+def real_photos(resolution: int, n: int, split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """``n`` photos spread evenly over a split (so over identities), their captions and attributes."""
+    rows = _spread_rows(resolution, n, split)
     images = np.stack([np.asarray(r["image"], np.float32) / 255.0 for r in rows])
     captions = [builders.decode_text(r["caption"]) for r in rows]
     attributes = [json.loads(builders.decode_text(r["attributes_json"])) for r in rows]
     return images, captions, attributes
 
 
-def attribute_variance_share(images: np.ndarray, attributes: list[dict[str, str]]) -> dict[str, float]:
+def head_masks(resolution: int, n: int, split: str = "test") -> np.ndarray:
+    """(n, R, R) in [0, 1]: the head region of the same photos as ``real_photos(resolution, n, split)``."""
+    rows = _spread_rows(resolution, n, split, decode_images=False)
+    return np.stack([controls.head_mask(np.asarray(r["jitter"]), resolution) for r in rows]).astype(np.float32)
+
+
+def attribute_variance_share(images: np.ndarray, attributes: list[dict[str, str]],
+                             pixel_weights: np.ndarray | None = None) -> dict[str, float]:
     """Per attribute: the share of the photos' pixel variance that its class explains (ε², the between-class sum of
     squares less its chance level (K - 1) · within-class mean square, over the total sum of squares, summed over
     pixels). At the noisiest steps the caption is all the UNet sees, so an attribute's share bounds how much its
-    word can lower the denoising loss there, i.e. how strong the training signal to read that word is."""
-    x = np.asarray(images, np.float64).reshape(len(images), -1)
-    total = ((x - x.mean(0)) ** 2).sum()
+    word can lower the denoising loss there, i.e. how strong the training signal to read that word is.
+
+    ``pixel_weights`` (N, H, W), if given, weight each photo's squared deviations per pixel (every channel alike):
+    the share under a loss weighted that way, e.g. by a head mask (does weighting the face raise the small
+    attributes' signal?)."""
+    x = np.asarray(images, np.float64)
+    w = np.ones(x.shape[:3]) if pixel_weights is None else np.asarray(pixel_weights, np.float64)
+    if w.shape != x.shape[:3]:
+        raise ValueError(f"pixel_weights have shape {w.shape}; the images need {x.shape[:3]}")
+    w = np.broadcast_to(w[..., None], x.shape).reshape(len(x), -1)
+    x = x.reshape(len(x), -1)
+    total = (w * (x - x.mean(0)) ** 2).sum()
     out = {}
     for name in world.ATTRIBUTE_NAMES:
         labels = np.asarray([a[name] for a in attributes])
         classes = np.unique(labels)
-        within = sum(((x[labels == c] - x[labels == c].mean(0)) ** 2).sum() for c in classes)
+        within = sum((w[labels == c] * (x[labels == c] - x[labels == c].mean(0)) ** 2).sum() for c in classes)
         chance = (len(classes) - 1) * within / max(len(x) - len(classes), 1)
         out[name] = float((total - within - chance) / total)
     return out
@@ -170,9 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                        P.probe_features(probes, real)),
         "caption_gain": caption_gain(model, params, real, captions, jax.random.key(args.seed + 2)),
         "attribute_gain": attribute_gain(model, params, real, attributes, jax.random.key(args.seed + 3)),
-        "attribute_variance_share": attribute_variance_share(
-            *real_photos(model.resolution, args.variance_n, "meta_train")[::2]),
     }
+    train_images, _, train_attributes = real_photos(model.resolution, args.variance_n, "meta_train")
+    result["attribute_variance_share"] = attribute_variance_share(train_images, train_attributes)
+    result["attribute_variance_share_in_head"] = attribute_variance_share(
+        train_images, train_attributes, head_masks(model.resolution, args.variance_n, "meta_train"))
     names = list(result["attribute_accuracy_real"])
     lines = ["| prompted attribute | base samples | real photos (probe ceiling) |", "|---|---|---|"]
     lines += [f"| {k} | {result['attribute_accuracy_samples'].get(k, float('nan')):.1%} | "
@@ -192,8 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
               "|---|" + "---|" * len(gain_steps)]
     lines += [f"| {name} | " + " | ".join(f"{g[t]:.1%}" for t in gain_steps) + " |"
               for name, g in result["attribute_gain"].items()]
-    lines += ["", "| attribute | share of the training photos' pixel variance (ε²) |", "|---|---|"]
-    lines += [f"| {name} | {share:.2%} |" for name, share in result["attribute_variance_share"].items()]
+    lines += ["", "| attribute | share of the training photos' pixel variance (ε²) | within the head region |",
+              "|---|---|---|"]
+    lines += [f"| {name} | {share:.2%} | {result['attribute_variance_share_in_head'][name]:.2%} |"
+              for name, share in result["attribute_variance_share"].items()]
     result["table"] = "\n".join(lines)
     k = min(16, args.n)
     save_image_grid(np.concatenate([samples[:k], real[:k]]), out / "base_quality.png", nrow=k)

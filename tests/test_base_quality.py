@@ -31,6 +31,9 @@ def test_base_quality_smoke(tmp_path):
     # on real training photos the background colour explains most pixel variance, the expression almost none
     share = out["attribute_variance_share"]
     assert share["background"] > 0.3 > share["hat"] > share["expression"]
+    # within the head the background explains less, the hat more
+    in_head = out["attribute_variance_share_in_head"]
+    assert in_head["background"] < share["background"] and in_head["hat"] > share["hat"]
 
 
 @pytest.mark.parametrize("name", world.ATTRIBUTE_NAMES)
@@ -64,3 +67,22 @@ def test_attribute_variance_share_is_the_bias_corrected_between_class_share():
     share = base_quality.attribute_variance_share(images, attributes)
     assert share["pose"] == pytest.approx(0.5, abs=0.02)
     assert abs(share["hat"]) < 1e-3 and share["background"] == 0.0  # one class: nothing to explain
+
+
+def test_attribute_variance_share_with_pixel_weights_counts_the_weighted_pixels_only():
+    """The pose moves the left half of each image only (±1 over unit noise everywhere): over all pixels it explains
+    (1/2 of the left half's variance) · (2/3 of the total, the left half's share) = 1/3; weighted by a left-half
+    mask, 1/2."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    pose = rng.integers(0, 2, n)
+    images = rng.normal(size=(n, 4, 4, 3))
+    images[:, :, :2] += (2.0 * pose - 1.0)[:, None, None, None]
+    attributes = [{name: "x" for name in world.ATTRIBUTE_NAMES} | {"pose": ("left", "right")[p]} for p in pose]
+    left = np.zeros((n, 4, 4))
+    left[:, :, :2] = 1.0
+    assert base_quality.attribute_variance_share(images, attributes)["pose"] == pytest.approx(1 / 3, abs=0.02)
+    weighted = base_quality.attribute_variance_share(images, attributes, left)
+    assert weighted["pose"] == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match=r"pixel_weights have shape \(4000, 4\)"):
+        base_quality.attribute_variance_share(images, attributes, left[:, 0])
