@@ -26,6 +26,7 @@ from flax import nnx, struct
 
 from metalora.compiler import jit
 from metalora.models import convert
+from metalora.models.matmul import dot_general
 
 # transformers' ACT2FN names → jax functions. "gelu" is the exact erf form (torch's default), the tanh forms
 # are the approximations some configs ask for by name; quick_gelu is OpenAI CLIP's x·σ(1.702x).
@@ -176,7 +177,7 @@ class CLIPAttention(nnx.Module):
         self.dtype = dtype
         # transformers' init: the residual branches are scaled down with depth.
         in_std = d**-0.5 * (2 * config.num_hidden_layers) ** -0.5
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, dot_general=dot_general)
         self.q_proj = nnx.Linear(d, d, kernel_init=_normal(in_std), **kw)
         self.k_proj = nnx.Linear(d, d, kernel_init=_normal(in_std), **kw)
         self.v_proj = nnx.Linear(d, d, kernel_init=_normal(in_std), **kw)
@@ -196,7 +197,7 @@ class CLIPAttention(nnx.Module):
 class CLIPMLP(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d = config.hidden_size
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, dot_general=dot_general)
         self.activation = ACTIVATIONS[config.hidden_act]
         self.fc1 = nnx.Linear(d, config.intermediate_size, kernel_init=_normal((2 * d) ** -0.5), **kw)
         self.fc2 = nnx.Linear(config.intermediate_size, d,

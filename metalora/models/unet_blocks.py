@@ -21,6 +21,7 @@ from flax import nnx
 from metalora.models.attention import dot_product_attention
 from metalora.models.conv import conv_general_dilated
 from metalora.models.convert import register_layout
+from metalora.models.matmul import dot_general
 
 
 class ChannelsLastGroupNorm(nnx.GroupNorm):
@@ -68,7 +69,7 @@ class Precision:
                zero_init: bool = False) -> nnx.Linear:
         init = {"kernel_init": nnx.initializers.zeros_init()} if zero_init else {}
         return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
-                          **init)
+                          dot_general=dot_general, **init)
 
     def conv(self, c_in: int, c_out: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
              padding: int | None = None, zero_init: bool = False) -> nnx.Conv:
