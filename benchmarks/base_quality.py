@@ -46,26 +46,28 @@ from metalora.models import base_model as bm
 from metalora.train.io import atomic_write_text, save_image_grid
 
 
-def _spread_rows(resolution: int, n: int, split: str, *, decode_images: bool = True) -> list[dict]:
+def _spread_rows(resolution: int, n: int, split: str) -> list[dict]:
     """``n`` rows spread evenly over a split (so over identities)."""
-    source = builders.data_source(builders.synth_builder(f"r{resolution}"), split, decode_images=decode_images)
+    source = builders.data_source(builders.synth_builder(f"r{resolution}"), split)
     if not 0 < n <= len(source):
         raise ValueError(f"asked for {n} {split} photos; the split has {len(source)}")
     return [source[int(i)] for i in np.linspace(0, len(source) - 1, n).round()]
 
 
-def real_photos(resolution: int, n: int, split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
-    """``n`` photos spread evenly over a split (so over identities), their captions and attributes."""
-    rows = _spread_rows(resolution, n, split)
+def _photos(rows: list[dict]) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
     images = np.stack([np.asarray(r["image"], np.float32) / 255.0 for r in rows])
     captions = [builders.decode_text(r["caption"]) for r in rows]
     attributes = [json.loads(builders.decode_text(r["attributes_json"])) for r in rows]
     return images, captions, attributes
 
 
-def head_masks(resolution: int, n: int, split: str = "test") -> np.ndarray:
-    """(n, R, R) in [0, 1]: the head region of the same photos as ``real_photos(resolution, n, split)``."""
-    rows = _spread_rows(resolution, n, split, decode_images=False)
+def real_photos(resolution: int, n: int, split: str = "test") -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """``n`` photos spread evenly over a split (so over identities), their captions and attributes."""
+    return _photos(_spread_rows(resolution, n, split))
+
+
+def head_masks(rows: list[dict], resolution: int) -> np.ndarray:
+    """(n, R, R) in [0, 1]: the head region of each row's photo (from its jitter)."""
     return np.stack([controls.head_mask(np.asarray(r["jitter"]), resolution) for r in rows]).astype(np.float32)
 
 
@@ -194,10 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
         "caption_gain": caption_gain(model, params, real, captions, jax.random.key(args.seed + 2)),
         "attribute_gain": attribute_gain(model, params, real, attributes, jax.random.key(args.seed + 3)),
     }
-    train_images, _, train_attributes = real_photos(model.resolution, args.variance_n, "meta_train")
+    train_rows = _spread_rows(model.resolution, args.variance_n, "meta_train")
+    train_images, _, train_attributes = _photos(train_rows)
     result["attribute_variance_share"] = attribute_variance_share(train_images, train_attributes)
     result["attribute_variance_share_in_head"] = attribute_variance_share(
-        train_images, train_attributes, head_masks(model.resolution, args.variance_n, "meta_train"))
+        train_images, train_attributes, head_masks(train_rows, model.resolution))
     names = list(result["attribute_accuracy_real"])
     lines = ["| prompted attribute | base samples | real photos (probe ceiling) |", "|---|---|---|"]
     lines += [f"| {k} | {result['attribute_accuracy_samples'].get(k, float('nan')):.1%} | "

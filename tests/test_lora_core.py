@@ -397,4 +397,3 @@ def test_parameter_accounting_closed_form():
     assert counts.subject_total == 3 * per
     abstract = nnx.eval_shape(lambda: make(META_CFG)[0])
     assert lora.count_parameters(abstract) == counts
-

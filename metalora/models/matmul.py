@@ -31,7 +31,7 @@ def _forward(x, w):
 def _backward(residuals, g):
     x, w = residuals
     x_t = lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    # (The barrier's own derivative is a barrier, so second-order gradients through this rule keep the layout.)
+    # (A barrier differentiates to a barrier on the cotangent, so second-order MAML can differentiate this rule.)
     return g @ w.T, x_t @ g.reshape(-1, g.shape[-1])
 
 
