@@ -11,9 +11,9 @@ from metalora.models.matmul import dot_general, token_matmul
 
 
 def test_token_matmul_equals_a_plain_matmul_to_second_order_and_under_vmap():
-    """The custom VJP (a materialised xᵀ for the weight gradient) changes where XLA runs the
-    gradient, not its value: first and second derivatives (second-order MAML differentiates the inner loop's
-    gradient) and a vmapped subject axis agree with ``x @ w``."""
+    """The custom VJP (a materialised xᵀ for the weight gradient) changes where XLA runs the gradient, not its
+    value: first and second derivatives (second-order MAML differentiates the inner loop's gradient) and a vmapped
+    subject axis agree with ``x @ w``."""
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x, w = jax.random.normal(kx, (2, 3, 5, 8)), jax.random.normal(kw, (8, 4))
     probe = jax.random.normal(kg, (2, 3, 5, 4))
@@ -42,7 +42,6 @@ def test_token_matmul_factor_gradient_compiles_to_a_plain_matmul():
     leading = re.compile(r"dot\(.*lhs_contracting_dims=\{0\}")
     assert leading.search(grad_w(lambda x, w: x @ w))  # the pattern this works around (if XLA stops, revisit)
     assert not leading.search(grad_w(token_matmul))
-
 
 
 def test_linear_layers_with_the_drop_in_equal_plain_ones():

@@ -43,6 +43,8 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=Non
     """Drop-in for ``lax.dot_general`` (same arguments): :func:`token_matmul` for a Linear layer's contraction of
     the last axis against a matrix's first, ``lax``'s own for anything else."""
     linear = (((lhs.ndim - 1,), (0,)), ((), ()))
+    # Equal dtypes only: a custom VJP must return each cotangent in its primal's dtype, and the rule's xᵀ·g would
+    # come out in the promoted one.
     if (rhs.ndim == 2 and lhs.dtype == rhs.dtype and precision is None and preferred_element_type is None
             and out_sharding is None and _canonical(dimension_numbers) == linear):
         return token_matmul(lhs, rhs)
