@@ -110,9 +110,9 @@ def test_a_real_convolution_program_charges_its_idle_time_to_the_convolutions():
     # XLA:CPU's convolution thunk returns once Eigen's threads have the work: the trace shows a short event and then
     # no instruction until the work is done. How much of a convolution's time shows as idle depends on the load (~90 %
     # on an idle machine, 44 % and 14 % measured under CI's two test workers on two cores), so the share is the
-    # benchmark's reading (README, profile row), not something a unit test can bound; here: the idle stretches of a
-    # real trace are found and charged to the convolutions. (Two convolutions and a fusion: a program of one
-    # instruction runs without the thunk executor, so its trace has no execution span.)
+    # benchmark's reading (docs/results.md, profile row), not something a unit test can bound; here: the idle
+    # stretches of a real trace are found and charged to the convolutions. (Two convolutions and a fusion: a program
+    # of one instruction runs without the thunk executor, so its trace has no execution span.)
     @jit
     def f(x, w):
         conv = lambda y: jax.lax.conv_general_dilated(y, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
