@@ -71,13 +71,20 @@ def cell_name(cell: Mapping[str, Any]) -> str:
     return "__".join(f"{k}={v}" for k, v in cell.items()).replace("/", "_").replace(" ", "") or "default"
 
 
-def run_cell(config, cell: Mapping[str, Any], workdir: pathlib.Path, log) -> dict[str, Any]:
+def run_cell(config, cell: Mapping[str, Any], workdir: pathlib.Path, log,
+             earlier: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Meta-train the cell's ``D`` (if a method needs one) and run its benchmark; a method's (method, seed) cells
+    that an ``earlier`` grid cell computed with the same settings are copied, not recomputed (e.g. plain LoRA's in
+    an r_m sweep)."""
     mt, bc = cell_configs(config, cell)
     folder = workdir / cell_name(cell)
     if "meta_lora" in bc.methods:
         log(f"[{cell_name(cell)}] meta-training D ({mt.meta.algorithm}, {mt.train.steps} steps)")
         meta_train.main(mt, folder / "meta")
         bc.method.meta_lora.meta_down = str(folder / "meta" / "meta_down")
+    sources = [workdir / cell_name(c) / "benchmark" for c in earlier]
+    for reused in benchmark.reuse_cells(bc, sources, folder / "benchmark"):
+        log(f"[{cell_name(cell)}] reusing {reused} (same settings)")
     log(f"[{cell_name(cell)}] benchmark")
     return benchmark.run(bc, folder / "benchmark", log=log)
 
@@ -116,7 +123,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     grid_cells = cells(grid)
     for cell in grid_cells:  # fail on a typo before hours of compute
         cell_configs(config, cell)
-    results = [run_cell(config, cell, workdir, log) for cell in grid_cells]
+    results = [run_cell(config, cell, workdir, log, grid_cells[:i]) for i, cell in enumerate(grid_cells)]
     rows = summarize(grid_cells, results)
     table = (f"# {config.title}\n\nMean ± 95% CI over identities (each identity's seeds averaged first) at the "
              "final adaptation step.\n\n")

@@ -38,3 +38,15 @@ def test_ablation_smoke_runs_and_resumes(tmp_path, capsys):
     again = ablate.main(config, tmp_path)
     assert capsys.readouterr().out.count("done earlier") == 2
     assert again["rows"] == out["rows"]
+
+
+def test_a_method_the_grid_does_not_touch_runs_once(tmp_path, capsys):
+    config = ablate_tiny.get_config("smoke")
+    config.grid = (("lora.mid_rank", (2, 4)),)  # r_m: plain LoRA has no Mid factor
+    config.benchmark.methods = ("lora",)
+    out = ablate.main(config, tmp_path)
+    log = capsys.readouterr().out
+    assert "meta-training" not in log  # no method here needs a D
+    assert log.count("reusing lora seed 0") == 1 and log.count("done earlier") == 1
+    first, second = out["rows"]
+    assert {k: v for k, v in first.items() if k != "cell"} == {k: v for k, v in second.items() if k != "cell"}

@@ -1,6 +1,7 @@
 """Benchmark harness: the methods (no-op at init, what each one trains), the chunked inner loop, the
 aggregation math, and the benchmark job end to end at smoke size (outputs, resume, stale-config refusal)."""
 
+import copy
 import json
 
 import jax
@@ -319,6 +320,23 @@ def test_megaportrait_cells_depend_on_the_method_they_adapt_with(smoke_run):
     assert benchmark.config_fingerprint(other, "megaportrait") == fingerprint
     other.method.meta_lora.meta_down = "elsewhere"  # its adaptation
     assert benchmark.config_fingerprint(other, "megaportrait") != fingerprint
+
+
+def test_cells_of_a_method_whose_settings_did_not_change_are_reused(smoke_run, tmp_path):
+    config, workdir, _ = smoke_run
+    other = copy.deepcopy(config)
+    other.lora.mid_rank = 2 * config.lora.mid_rank  # r_m: Meta-LoRA's Mid factor; plain LoRA has none
+    assert benchmark.config_fingerprint(other, "lora") == benchmark.config_fingerprint(config, "lora")
+    assert benchmark.config_fingerprint(other, "meta_lora") != benchmark.config_fingerprint(config, "meta_lora")
+    copied = benchmark.reuse_cells(other, [tmp_path / "nothing_here", workdir], tmp_path / "r_m")
+    assert [c.split(" from ")[0] for c in copied] == [f"lora seed {s}" for s in config.seeds]
+    assert benchmark.reuse_cells(other, [workdir], tmp_path / "r_m") == []  # already there
+    other.methods = ("lora",)
+    logs = []
+    out = benchmark.run(other, tmp_path / "r_m", log=logs.append)
+    assert sum("done earlier" in line for line in logs) == len(config.seeds)
+    before = json.loads((workdir / "results.json").read_text())["records"]
+    assert out["records"] == [r for r in before if r["method"] == "lora"]
 
 
 def test_quickstart_reports_a_user_mistake_in_one_line(tmp_path, capsys):

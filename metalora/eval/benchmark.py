@@ -149,7 +149,44 @@ def config_fingerprint(config: ml_collections.ConfigDict, method: str | None = N
         uses = (sections.get(method) or {}).get("personalize")  # megaportrait: its adaptation is that method's
         if uses:
             d["method"][uses] = sections.get(uses)
+        for section, key in _SHARED_SETTINGS_NOT_READ.get(method, ()):
+            d.get(section, {}).pop(key, None)
     return _hash_settings(d)
+
+
+# Shared settings a method never reads. Leaving them out of its fingerprint lets a grid that varies only them (the
+# ablation runner's r_m sweep) reuse that method's finished cells instead of recomputing identical numbers.
+_SHARED_SETTINGS_NOT_READ: dict[str, tuple[tuple[str, str], ...]] = {
+    "lora": (("lora", "mid_rank"),),  # plain LoRA has no Mid factor (``metalora.meta.personalize.lora_config``)
+}
+
+
+def reuse_cells(config: ml_collections.ConfigDict, sources: Sequence[str | pathlib.Path],
+                workdir: str | pathlib.Path) -> list[str]:
+    """Copy into ``workdir`` the finished cells of ``config``'s (variant, seed) pairs that another benchmark workdir in
+    ``sources`` computed with the same fingerprint, i.e. the same numbers; returns the copied cells' names.
+
+    The ablation runner calls it before each grid cell, so a method that the grid's keys do not touch runs once.
+    (With ``config.export`` a copied cell's LoRA files stay where the cell that computed them wrote them.)
+    """
+    workdir, copied = pathlib.Path(workdir), []
+    for variant, name, _ in variants(config):
+        fingerprint = config_fingerprint(config, name)
+        for seed in config.seeds:
+            meta_path, samples_path = _cell_paths(workdir, variant, seed)
+            if meta_path.exists():
+                continue
+            for source in map(pathlib.Path, sources):
+                src_meta, src_samples = _cell_paths(source, variant, seed)
+                if not (src_meta.exists() and src_samples.exists()):
+                    continue
+                text = src_meta.read_text()
+                if json.loads(text).get("fingerprint") == fingerprint:
+                    atomic_write_bytes(samples_path, src_samples.read_bytes())  # samples first, as in _save_cell
+                    atomic_write_text(meta_path, text)
+                    copied.append(f"{variant} seed {seed} from {source}")
+                    break
+    return copied
 
 
 def _hash_settings(config: Mapping[str, Any]) -> str:
