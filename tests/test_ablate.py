@@ -50,3 +50,16 @@ def test_a_method_the_grid_does_not_touch_runs_once(tmp_path, capsys):
     assert log.count("reusing lora seed 0") == 1 and log.count("done earlier") == 1
     first, second = out["rows"]
     assert {k: v for k, v in first.items() if k != "cell"} == {k: v for k, v in second.items() if k != "cell"}
+
+
+def test_best_change_is_the_paired_change_at_the_best_later_step():
+    change = {"step": [0, 25, 50, 100], "mean": [0.0, -3e-4, -5e-4, -2e-4], "ci": [0.0, 1e-4, 2e-4, 3e-4],
+              "n": [8, 8, 8, 8]}
+    assert ablate.best_change(change, "heldout_loss") == (-5e-4, 2e-4, 8, 50)
+    assert ablate.best_change(change, "r_face_sim") == (-2e-4, 3e-4, 8, 100)  # higher is better: the least negative
+    assert ablate.best_change({"step": [0], "mean": [0.0], "ci": [0.0], "n": [8]}, "heldout_loss") is None
+    assert ablate.best_change(None, "heldout_loss") is None
+    rows = [{"cell": {"lora.rank": 2}, "method": "meta_lora", "trainable_parameters": 1234,
+             "heldout_loss": (0.0853, 0.0112, 8), "heldout_loss_best_change": (-5e-4, 2e-4, 8, 50)}]
+    table = ablate.markdown((("lora.rank", (2,)),), rows)
+    assert "| 2 | meta_lora | 1,234 | 0.0853 ± 0.0112 | -0.00050 ± 0.00020 (50) | – |" in table
