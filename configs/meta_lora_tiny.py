@@ -30,8 +30,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()
     c.lora.method = "meta_lora"  # "meta_lora" (D shared, M/U per subject) | "lora" (A/B per subject)
     c.lora.targets = "attn"
-    c.lora.rank = 4  # r_d
-    c.lora.mid_rank = 16  # r_m
+    c.lora.rank = 4  # r_d; the rank sweep (docs/results.md, ablation: ranks) does not separate 2 / 4 / 8
+    c.lora.mid_rank = 16  # r_m; 4 vs 16: within the sweep's intervals, 16 a little ahead on R-FaceSim
     c.lora.alpha = 0.0  # 0 = scale 1
 
     c.meta = ml_collections.ConfigDict()
