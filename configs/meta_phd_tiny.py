@@ -42,6 +42,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 0  # protocol seed: which photos are references / held out, which prompts
     c.seeds = (0, 1)  # adaptation + sampling seeds per method
     c.export = False  # write each adapted subject as a diffusers LoRA file (LoRA methods)
+    # Folders of earlier benchmark runs (each with cells/) whose finished (method, seed) cells are copied into the
+    # workdir when their config fingerprint equals this run's, so only the missing cells are computed. The shipped
+    # part of the default benchmark: ("assets/default_benchmark",). Not part of the fingerprint.
+    c.reuse_cells_from = ()
 
     c.base = ml_collections.ConfigDict()
     c.base.path = ""  # "" = assets/base_tiny

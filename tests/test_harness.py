@@ -337,6 +337,20 @@ def test_cells_of_a_method_whose_settings_did_not_change_are_reused(smoke_run, t
     assert sum("done earlier" in line for line in logs) == len(config.seeds)
     before = json.loads((workdir / "results.json").read_text())["records"]
     assert out["records"] == [r for r in before if r["method"] == "lora"]
+    # the same from the command line's side: config.reuse_cells_from names earlier runs; only matching cells come
+    other.methods = ("lora", "meta_lora")
+    other.seeds = config.seeds[:1]
+    other.reuse_cells_from = (str(workdir),)
+    assert benchmark.config_fingerprint(other, "lora") == benchmark.config_fingerprint(config, "lora")
+    logs = []
+    benchmark.run(other, tmp_path / "from_cli", log=logs.append)
+    assert [line for line in logs if line.startswith("reused ")] == [f"reused lora seed {config.seeds[0]} from "
+                                                                      f"{workdir}"]
+    assert sorted(p.name for p in (tmp_path / "from_cli" / "cells").glob("*.json")) == [
+        f"lora__seed{config.seeds[0]}.json", f"meta_lora__seed{config.seeds[0]}.json"]  # meta_lora: computed anew
+    other.reuse_cells_from = (str(tmp_path / "typo"),)
+    with pytest.raises(FileNotFoundError, match="typo has no cells"):
+        benchmark.run(other, tmp_path / "from_cli", log=lambda s: None)
 
 
 def test_quickstart_reports_a_user_mistake_in_one_line(tmp_path, capsys):

@@ -3,6 +3,8 @@
 Used by ``benchmarks/meta_phd/run.py`` (the full protocol), ``experiments/quickstart.py`` (one identity) and the
 ablation runner. Resumable: every finished (method variant, seed) cell is written to ``<workdir>/cells/`` and
 skipped on a rerun with the same config; a rerun with a changed config refuses stale cells instead of mixing them.
+``config.reuse_cells_from`` names other runs' folders whose cells with the same fingerprint are copied in first (how a
+benchmark too long for one sitting is continued from the cells shipped in ``assets/default_benchmark``).
 
 Methods and learning rates come from ``config.methods`` and ``config.method.<name>.learning_rate``; a tuple of
 learning rates is a sweep, run as variants named ``<name>@lr=<value>``.
@@ -190,8 +192,9 @@ def reuse_cells(config: ml_collections.ConfigDict, sources: Sequence[str | pathl
 
 
 def _hash_settings(config: Mapping[str, Any]) -> str:
-    """Hash of a config dict without the method and seed lists and the reporting keys (they change no number)."""
-    d = {k: v for k, v in config.items() if k not in ("methods", "seeds", "report", "progress")}
+    """Hash of a config dict without the method and seed lists, the reporting keys and where finished cells may be
+    copied from (they change no number)."""
+    d = {k: v for k, v in config.items() if k not in ("methods", "seeds", "report", "progress", "reuse_cells_from")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -228,6 +231,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     """Run (or resume) every method variant × seed on the configured test identities; write the report."""
     workdir = pathlib.Path(workdir)
     t_start = time.perf_counter()
+    sources = [pathlib.Path(s) for s in config.get("reuse_cells_from", ())]
+    for source in sources:  # a typo would otherwise silently recompute every cell
+        if not (source / "cells").is_dir():
+            raise FileNotFoundError(f"config.reuse_cells_from: {source} has no cells/ folder of a benchmark run")
+    for copied in reuse_cells(config, sources, workdir):
+        log(f"reused {copied}")
     b = config.base
     model, params = bm.load_base(b.path, attention_backend=b.attention_backend, compute_dtype=b.compute_dtype,
                                  remat=b.remat)
