@@ -8,6 +8,7 @@ Arguments: ``""`` (default run), ``"smoke"`` (tiny model, a few steps, the 12-id
 
 import ml_collections
 
+from configs import common
 from metalora.data import world
 
 # Fixed prompts of the sample grids: one row per prompt, one column per seed. They cover every prompted
@@ -93,13 +94,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.stop_at = 0  # > 0: stop (with a checkpoint) after this step, as on preemption; rerun to resume
     c.train.progress = True
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 2e-3
-    c.optimizer.warmup_steps = 50
-    c.optimizer.total_steps = 0  # 0 = train.steps
-    c.optimizer.end_lr_ratio = 0.05
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer = common.optimizer(2e-3, warmup_steps=50, end_lr_ratio=0.05)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = sample_prompts()

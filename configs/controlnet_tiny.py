@@ -9,6 +9,8 @@ Arguments: ``""`` or ``"smoke"`` (random tiny base, a few steps, the ``smoke`` d
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "smoke"):
@@ -48,13 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.stop_at = 0
     c.train.progress = True
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 20
-    c.optimizer.total_steps = 0  # 0 = train.steps
-    c.optimizer.end_lr_ratio = 0.1
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer = common.optimizer(1e-3)
 
     if arg == "smoke":
         c.base.path = "random:smoke"

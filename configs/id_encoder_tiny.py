@@ -11,7 +11,7 @@ encoder stay frozen. Arguments: ``""``, ``"lfw"`` (LFW identities on the LFW bas
 
 import ml_collections
 
-from configs import meta_lora_tiny
+from configs import common, meta_lora_tiny
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -62,13 +62,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.stop_at = 0
     c.train.progress = True
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 20
-    c.optimizer.total_steps = 0  # 0 = train.steps
-    c.optimizer.end_lr_ratio = 0.1
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer = common.optimizer(1e-3)
 
     if arg == "lfw":
         c.base.path = "runs/base_lfw/base_model"

@@ -13,6 +13,8 @@ dataset).
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "smoke", "lfw"):
@@ -68,13 +70,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.stop_at = 0
     c.train.progress = True
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 20
-    c.optimizer.total_steps = 0  # 0 = train.steps
-    c.optimizer.end_lr_ratio = 0.1
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer = common.optimizer(1e-3)
 
     c.adapt = ml_collections.ConfigDict()
     c.adapt.identities = (0, 1, 2, 3)  # indices into the test split's identities
