@@ -1,6 +1,7 @@
 """Speed benchmarks against diffusers + PEFT (PyTorch), side by side in one run on the same machine.
 
     python -m benchmarks.speed --out runs/speed.json [--threads 2] [--batch 8] [--size 32] [--repeats 5]
+                               [--dtype float32|bfloat16]
                                [--sections attention,groupnorm,conv,lora_step,sampling,efficiency] [--sample-steps 25]
 
 Sections (each prints a Markdown table; all numbers go to the JSON):
@@ -23,6 +24,12 @@ Sections (each prints a Markdown table; all numbers go to the JSON):
   machine's measured f32 matmul FLOP/s; the same for the diffusers + PEFT step (torch's ``FlopCounterMode``), and
   the fraction of peak that the ≥ 2× goal needs (our FLOPs in half torch's time). ``ms_at_peak`` is each step's
   time if every FLOP ran at the matmul peak: a floor no step reaches.
+
+``--dtype bfloat16`` runs ``lora_step``, ``sampling`` and ``efficiency`` in mixed precision on both sides, as
+diffusers' LoRA training scripts do: the frozen UNet's weights and its activations in bfloat16, the trained LoRA
+factors (and so their AdamW state) kept in float32; ours through the UNet's ``dtype`` / ``param_dtype``, torch's
+through ``unet.to(torch.bfloat16)``, float32 LoRA parameters and ``torch.autocast("cpu", torch.bfloat16)``. The
+efficiency section's peak is then the bfloat16 matmul peak (float32 accumulation). The loss is float32 on both sides.
 
 Timings exclude compilation (one warm-up call) and report the median of ``--repeats`` runs. torch gets
 ``--threads`` intra-op threads (default: all cores, as XLA's CPU client uses). The machine and its load average
@@ -93,6 +100,21 @@ def bench_attention(args) -> list[dict]:
     return rows
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def _jax_dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 CONTEXT_TOKENS = 8  # text tokens the UNet cross-attends to (kept small: the UNet is small too)
 
 
@@ -119,17 +141,20 @@ def _metalora_lora_step(args, x, t, ctx, attention_backend: str = "auto"):
     from metalora.lora import LoRAConfig, inject, merge_roles, split_roles, take_heads
     from metalora.models.unet import UNet2DConditionModel, UNetConfig, count_params
 
-    model = UNet2DConditionModel(UNetConfig(**SMALL_UNET), rngs=nnx.Rngs(0), attention_backend=attention_backend)
+    compute = _jax_dtype(args.dtype)
+    model = UNet2DConditionModel(UNetConfig(**SMALL_UNET), rngs=nnx.Rngs(0), attention_backend=attention_backend,
+                                 dtype=compute, param_dtype=compute)
     base_params = count_params(model)
     inject(model, LoRAConfig(targets="attn", rank=args.rank, down_role="subject"), key=jax.random.key(0))
     graphdef, base, meta, subject = split_roles(model)
-    heads = take_heads(subject, 0)
+    # The trained factors stay float32 whatever the compute dtype (the adapter casts them to it for its matmuls).
+    heads = jax.tree.map(lambda a: a.astype(jnp.float32), take_heads(subject, 0))
     tx = optax.adamw(1e-4)
     jx, jt, jctx = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)
 
     def loss_fn(h):
         pred = merge_roles(graphdef, base, meta, h)(jx, jt, jctx)
-        return jnp.mean((pred - jx) ** 2)
+        return jnp.mean((pred.astype(jnp.float32) - jx) ** 2)
 
     @jit
     def step(h, opt_state):
@@ -165,13 +190,20 @@ def _torch_lora_step(args, x, t, ctx):
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     trainable = [p for p in unet.parameters() if p.requires_grad]
+    compute = _torch_dtype(args.dtype)
+    if compute != torch.float32:  # diffusers' scripts: frozen weights in the compute dtype, trained ones float32
+        unet.to(compute)
+        for p in trainable:
+            p.data = p.data.float()
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     tx_, tt, tctx = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
 
     def torch_step(forward):
         def run():
             optimizer.zero_grad(set_to_none=True)
-            loss = ((forward(tx_, tt, tctx).sample - tx_) ** 2).mean()
+            with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
+                pred = forward(tx_, tt, tctx).sample
+            loss = ((pred.float() - tx_) ** 2).mean()
             loss.backward()
             optimizer.step()
         return run
@@ -268,6 +300,7 @@ def _torch_sampler(unet, steps: int):
 
 
 def bench_sampling(args) -> list[dict]:
+    import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
@@ -277,23 +310,27 @@ def bench_sampling(args) -> list[dict]:
     from metalora.models.convert import export_torch_state
     from metalora.models.unet import UNet2DConditionModel, UNetConfig
 
-    model = UNet2DConditionModel(UNetConfig(**SMALL_UNET), rngs=nnx.Rngs(0))
+    model = UNet2DConditionModel(UNetConfig(**SMALL_UNET), rngs=nnx.Rngs(0), dtype=_jax_dtype(args.dtype))
     # Same weights on both sides: diffusers' UNet gets ours (strict load, so a missed tensor fails loudly).
     # torch.tensor copies: the exported arrays are read-only views of jax buffers, which from_numpy warns about.
     unet = TorchUNet(**SMALL_UNET, sample_size=args.size).eval()
     unet.load_state_dict({k: torch.tensor(v) for k, v in export_torch_state(model).items()})
+    unet.to(_torch_dtype(args.dtype))
     noise, cond, uncond = _sampling_inputs(args)
     sample, params = _metalora_sampler(model, args.sample_steps)
+    params = jax.tree.map(lambda a: a.astype(_jax_dtype(args.dtype)), params)  # weights stored in the compute dtype
 
     def ours(noise, cond, uncond):
         return sample(params, noise, cond, uncond)
 
     theirs = _torch_sampler(unet, args.sample_steps)
     j_in = (jnp.asarray(noise.transpose(0, 2, 3, 1)), jnp.asarray(cond), jnp.asarray(uncond))
-    t_in = tuple(map(torch.from_numpy, (noise, cond, uncond)))
+    # The diffusers pipeline keeps its latents in the UNet's dtype.
+    t_in = tuple(torch.from_numpy(a).to(_torch_dtype(args.dtype)) for a in (noise, cond, uncond))
 
     # Informative parity check (not asserted): same noise in, the two x0 should agree up to f32 round-off.
-    diff = float(np.max(np.abs(np.asarray(ours(*j_in)).transpose(0, 3, 1, 2) - theirs(*t_in).numpy())))
+    diff = float(np.max(np.abs(np.asarray(ours(*j_in), np.float32).transpose(0, 3, 1, 2)
+                               - theirs(*t_in).float().numpy())))
     ours_s = _median_time(lambda: ours(*j_in).block_until_ready(), args.repeats)
     theirs_s = _median_time(lambda: theirs(*t_in), args.repeats)
     return [{"impl": impl, "images_per_s": args.batch / sec, "ms_per_image": 1e3 * sec / args.batch,
@@ -381,14 +418,17 @@ def _flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def peak_matmul_flops(repeats: int) -> float:
-    """This machine's f32 matmul FLOP/s (a square jitted ``a @ b``: 2n³ flops), our practical peak."""
+def peak_matmul_flops(repeats: int, dtype: str = "float32") -> float:
+    """This machine's matmul FLOP/s in ``dtype`` with float32 accumulation (a square jitted ``a @ b``: 2n³ flops),
+    our practical peak."""
+    import functools
+
     import jax
     import jax.numpy as jnp
 
     n = PEAK_MATMUL_N
-    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
-    matmul = jit(jnp.matmul)
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), _jax_dtype(dtype)) for i in range(2))
+    matmul = jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
     return 2 * n**3 / _median_time(lambda: matmul(a, b).block_until_ready(), repeats)
 
 
@@ -404,7 +444,7 @@ def bench_efficiency(args) -> list[dict]:
         raise RuntimeError("efficiency: the FLOP-counted step has a while loop, whose FLOPs XLA counts once")
     flops = _flops(compiled)
     seconds = _median_time(_stepper(step, init), args.repeats)
-    peak = peak_matmul_flops(args.repeats)
+    peak = peak_matmul_flops(args.repeats, args.dtype)
 
     # The same step in diffusers + PEFT: its FLOPs by torch's own counter (matmuls and convolutions only, forward
     # and backward), its time measured here.
@@ -454,6 +494,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the sampling section")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, from: " + ",".join(SECTIONS))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="compute dtype of lora_step, sampling and efficiency (bfloat16: mixed precision)")
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
