@@ -1,6 +1,7 @@
 """Where a compiled step spends its time: a ``jax.profiler`` trace of a few calls, summed per XLA op.
 
     python -m benchmarks.profile_step [--program lora_step|pretrain_step|sampling] [--steps 5] [--top 20]
+                                      [--dtype float32|bfloat16]
                                       [--config configs/base_tiny.py] [--out runs/profile_<program>.json]
 
 Programs: ``lora_step`` is the LoRA adaptation step that ``benchmarks/speed.py`` times against diffusers + PEFT (the
@@ -218,7 +219,7 @@ def _lora_step(args) -> tuple[Callable[[], None], str]:
 
     from benchmarks import speed
 
-    shape = types.SimpleNamespace(batch=args.batch, size=args.size, rank=args.rank)
+    shape = types.SimpleNamespace(batch=args.batch, size=args.size, rank=args.rank, dtype=args.dtype)
     inputs = speed._lora_inputs(shape)
     step, init, _ = speed._metalora_lora_step(shape, *inputs)
     compiled = step.lower(*init).compile()  # run this executable too: its text is what the trace shows
@@ -252,15 +253,12 @@ def _sampling(args) -> tuple[Callable[[], None], str]:
     import types
 
     import jax.numpy as jnp
-    from flax import nnx
 
     from benchmarks import speed
-    from metalora.models.unet import UNet2DConditionModel, UNetConfig
 
-    shape = types.SimpleNamespace(batch=args.batch, size=args.size)
+    shape = types.SimpleNamespace(batch=args.batch, size=args.size, dtype=args.dtype)
     noise, cond, uncond = speed._sampling_inputs(shape)
-    model = UNet2DConditionModel(UNetConfig(**speed.SMALL_UNET), rngs=nnx.Rngs(0))
-    sample, params = speed._metalora_sampler(model, args.sample_steps)
+    sample, params = speed._metalora_sampler(speed._sampling_model(shape), args.sample_steps, args.dtype)
     inputs = (params, jnp.asarray(noise.transpose(0, 2, 3, 1)), jnp.asarray(cond), jnp.asarray(uncond))
     compiled = sample.lower(*inputs).compile()  # run this executable too: its text is what the trace shows
 
@@ -283,6 +281,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=25, help="sampling: DDIM steps, as benchmarks/speed.py")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="lora_step, sampling: compute dtype, as benchmarks/speed.py --dtype")
     parser.add_argument("--out", default="", help="JSON path (default runs/profile_<program>.json)")
     args = parser.parse_args(argv)
     if args.steps < 1:

@@ -254,17 +254,29 @@ def _sampling_inputs(args):
     return noise, cond, uncond
 
 
-def _metalora_sampler(model, steps: int):
+def _sampling_model(args):
+    """The sampling section's UNet: float32 weights (``nnx.Rngs(0)``), computing in ``args.dtype``."""
+    from flax import nnx
+
+    from metalora.models.unet import UNet2DConditionModel, UNetConfig
+
+    return UNet2DConditionModel(UNetConfig(**SMALL_UNET), rngs=nnx.Rngs(0), dtype=_jax_dtype(args.dtype))
+
+
+def _metalora_sampler(model, steps: int, dtype: str = "float32"):
     """``(sample, params)``: ``sample(params, noise_nhwc, cond, uncond) -> x0`` is DDIM + CFG for ``model``, the
-    whole loop one jitted program (``benchmarks/profile_step.py`` profiles the same function)."""
+    whole loop one jitted program (``benchmarks/profile_step.py`` profiles the same function); ``params`` are the
+    model's weights stored in ``dtype``."""
     import functools
 
+    import jax
     from flax import nnx
 
     from metalora.diffusion import NoiseSchedule, ddim_sample
     from metalora.models.base_model import apply_unet
 
     graphdef, params = nnx.split(model)
+    params = jax.tree.map(lambda a: a.astype(_jax_dtype(dtype)), params)
     # The sampler's model_fn is a static jit argument keyed by identity: bind the graphdef once (as BaseModel does).
     model_fn = functools.partial(apply_unet, graphdef)
     schedule = NoiseSchedule.create(**SD_DDIM)
@@ -300,25 +312,21 @@ def _torch_sampler(unet, steps: int):
 
 
 def bench_sampling(args) -> list[dict]:
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
-    from flax import nnx
 
     from metalora.models.convert import export_torch_state
-    from metalora.models.unet import UNet2DConditionModel, UNetConfig
 
-    model = UNet2DConditionModel(UNetConfig(**SMALL_UNET), rngs=nnx.Rngs(0), dtype=_jax_dtype(args.dtype))
+    model = _sampling_model(args)
     # Same weights on both sides: diffusers' UNet gets ours (strict load, so a missed tensor fails loudly).
     # torch.tensor copies: the exported arrays are read-only views of jax buffers, which from_numpy warns about.
     unet = TorchUNet(**SMALL_UNET, sample_size=args.size).eval()
     unet.load_state_dict({k: torch.tensor(v) for k, v in export_torch_state(model).items()})
     unet.to(_torch_dtype(args.dtype))
     noise, cond, uncond = _sampling_inputs(args)
-    sample, params = _metalora_sampler(model, args.sample_steps)
-    params = jax.tree.map(lambda a: a.astype(_jax_dtype(args.dtype)), params)  # weights stored in the compute dtype
+    sample, params = _metalora_sampler(model, args.sample_steps, args.dtype)
 
     def ours(noise, cond, uncond):
         return sample(params, noise, cond, uncond)
