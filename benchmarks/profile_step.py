@@ -272,6 +272,8 @@ PROGRAMS = {"lora_step": _lora_step, "pretrain_step": _pretrain_step, "sampling"
 
 
 def main(argv=None) -> dict:
+    from benchmarks import speed  # its programs and their --dtype choices
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--program", choices=sorted(PROGRAMS), default="lora_step")
     parser.add_argument("--steps", type=int, default=5, help="traced calls (after one untraced warm-up call)")
@@ -281,7 +283,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=25, help="sampling: DDIM steps, as benchmarks/speed.py")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    parser.add_argument("--dtype", choices=speed.DTYPES, default="float32",
                         help="lora_step, sampling: compute dtype, as benchmarks/speed.py --dtype")
     parser.add_argument("--out", default="", help="JSON path (default runs/profile_<program>.json)")
     args = parser.parse_args(argv)

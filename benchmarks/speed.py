@@ -104,9 +104,9 @@ DTYPES = ("float32", "bfloat16")
 
 
 def _jax_dtype(name: str):
-    import jax.numpy as jnp
+    from metalora.models.base_model import COMPUTE_DTYPES  # the library's own name → dtype table
 
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    return COMPUTE_DTYPES[name]
 
 
 def _torch_dtype(name: str):
