@@ -14,12 +14,13 @@ import pathlib
 import time
 
 from metalora.config_utils import run_cli
+from metalora.eval import probe_training
 from metalora.eval import probes as P
 
 
 def main(config, workdir: pathlib.Path) -> P.Probes:
     t0 = time.perf_counter()
-    probes = P.train_probes(config, log=functools.partial(print, flush=True))
+    probes = probe_training.train_probes(config, log=functools.partial(print, flush=True))
     probes.metrics["timing"]["total"] = time.perf_counter() - t0
     P.save_probes(workdir, probes)
     if config.publish:

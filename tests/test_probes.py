@@ -17,7 +17,7 @@ from safetensors.numpy import save as st_save
 from configs.probes import get_config
 from metalora.data import world
 from metalora.eval import metrics as M
-from metalora.eval import probe_data
+from metalora.eval import probe_data, probe_training
 from metalora.eval import probes as P
 
 TINY = P.NetConfig(stem_width=8, widths=(8, 16, 16), feature_dim=16)
@@ -202,15 +202,15 @@ def test_margin_logits():
     w = jnp.array([[2.0, 0.0], [0.0, 3.0]])  # columns: class directions (normalised inside)
     labels = jnp.array([0, 1])
     cos = np.array([[1.0, 0.0], [0.6, 0.8]])
-    cf = P.margin_logits(emb, w, labels, kind="cosface", scale=10.0, margin=0.3)
+    cf = probe_training.margin_logits(emb, w, labels, kind="cosface", scale=10.0, margin=0.3)
     np.testing.assert_allclose(cf, 10 * (cos - 0.3 * np.eye(2)), atol=1e-6)
-    af = P.margin_logits(emb, w, labels, kind="arcface", scale=10.0, margin=0.3)
+    af = probe_training.margin_logits(emb, w, labels, kind="arcface", scale=10.0, margin=0.3)
     theta = np.arccos(0.8)
     np.testing.assert_allclose(af[1], 10 * np.array([0.6, np.cos(theta + 0.3)]), atol=1e-5)
     # theta_y = 0 for sample 0: cos(0 + m).
     np.testing.assert_allclose(af[0], 10 * np.array([np.cos(0.3), 0.0]), atol=1e-5)
     with pytest.raises(ValueError, match="sphereface"):
-        P.margin_logits(emb, w, labels, kind="sphereface", scale=1.0, margin=0.1)
+        probe_training.margin_logits(emb, w, labels, kind="sphereface", scale=1.0, margin=0.1)
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -339,8 +339,8 @@ def test_training_is_deterministic_and_learns():
     data = probe_data.render_split(0, range(4), 4, 32, num_workers=1)
     cfg = get_config("smoke").identity
     cfg.steps, cfg.batch_size, cfg.log_every = 12, 8, 1
-    enc1, hist1 = P.train_identity_encoder(data, TINY, cfg, seed=3, log=None)
-    enc2, hist2 = P.train_identity_encoder(data, TINY, cfg, seed=3, log=None)
+    enc1, hist1 = probe_training.train_identity_encoder(data, TINY, cfg, seed=3, log=None)
+    enc2, hist2 = probe_training.train_identity_encoder(data, TINY, cfg, seed=3, log=None)
     for a, b in zip(jax.tree.leaves(nnx.state(enc1)), jax.tree.leaves(nnx.state(enc2))):
         np.testing.assert_array_equal(a, b)
     assert [h["loss"] for h in hist1] == [h["loss"] for h in hist2]
