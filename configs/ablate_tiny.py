@@ -4,10 +4,13 @@
     python -m experiments.ablate --config configs/ablate_tiny.py:algorithms --workdir runs/ablate_algorithms
     python -m experiments.ablate --config configs/ablate_tiny.py:identities --workdir runs/ablate_identities
     python -m experiments.ablate --config configs/ablate_tiny.py:shots --workdir runs/ablate_shots
+    python -m experiments.ablate --config configs/ablate_tiny.py:stacked_id_merge --workdir runs/ablate_merge
     python -m experiments.ablate --config configs/ablate_tiny.py:smoke --workdir /tmp/ablate_smoke   # tests
 
 Each cell meta-trains D with ``configs/meta_lora_tiny.py`` (overridden by the grid) and runs the benchmark
 (``configs/meta_phd_tiny.py``, Meta-LoRA vs LoRA, held-out loss at every evaluation step, samples at the last).
+A grid over a tuning-free method's sampling (``stacked_id_merge``) meta-trains nothing and keeps the default
+benchmark's settings, so its default cell is the shipped one (``assets/default_benchmark``), copied, not recomputed.
 """
 
 import ml_collections
@@ -19,8 +22,14 @@ GRIDS = {
     "algorithms": (("meta.algorithm", ("joint", "reptile", "fomaml", "maml")),),
     "identities": (("meta.num_identities", (50, 200, 1000)),),
     "shots": (("protocol.shots", (1, 2, 4)),),
+    # How many of the 25 DDIM steps read the plain class prompt before the fused ID tokens (PhotoMaker: 10 of 50).
+    "stacked_id_merge": (("method.stacked_id.start_merge_step", (0, 2, 5, 10)),),
     "smoke": (("lora.rank", (2, 4)),),
 }
+# Grids over the settings of methods that need no Meta-Down: the methods they run.
+DEFAULT_BENCHMARK_GRIDS = {"stacked_id_merge": ("stacked_id",)}
+# The cell that the table's paired columns subtract (the default setting), per grid; none for the others.
+REFERENCES = {"stacked_id_merge": (("method.stacked_id.start_merge_step", 5),)}
 
 
 def get_config(arg: str = "ranks") -> ml_collections.ConfigDict:
@@ -30,8 +39,13 @@ def get_config(arg: str = "ranks") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.title = f"Ablation: {arg}"
     c.grid = GRIDS[arg]
+    c.reference = REFERENCES.get(arg, ())
     c.meta_train = meta_lora_tiny.get_config("smoke" if smoke else "")
     c.benchmark = meta_phd_tiny.get_config("smoke" if smoke else "")
+    if arg in DEFAULT_BENCHMARK_GRIDS:
+        c.benchmark.methods = DEFAULT_BENCHMARK_GRIDS[arg]
+        c.benchmark.reuse_cells_from = ("assets/default_benchmark",)
+        return c
     c.benchmark.methods = ("meta_lora", "lora")
     c.benchmark.sample.at = "final"
     c.benchmark.eval.target_metric = "heldout_loss"

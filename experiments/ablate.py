@@ -8,6 +8,8 @@ reused, so rerunning the command after an interruption only computes what is mis
 ``config.meta_train`` (``configs/meta_lora_tiny.py``) and/or ``config.benchmark`` (``configs/meta_phd_tiny.py``);
 e.g. ``lora.rank`` changes both, ``meta.algorithm`` only the meta-training, ``protocol.shots`` only the benchmark.
 Writes ``ablation.md`` (one row per cell and method), ``ablation.json`` and, for one-key grids, a plot per metric.
+With ``config.reference`` (one cell's ``(key, value)`` pairs) the table adds each method's paired difference from
+that cell at the final step: within an identity and seed, so the spread between identities cancels.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from metalora.eval import benchmark
 from metalora.eval import harness as H
 from metalora.train.io import atomic_write_text, plot_curves
 
-METRICS = ("r_face_sim", "face_sim", "prompt_alignment", "heldout_loss")
+METRICS = ("r_face_sim", "face_sim", "prompt_alignment", "pose_copying", "diversity", "heldout_loss")
+PAIRED_METRICS = ("r_face_sim", "prompt_alignment", "diversity")
 
 
 def _has(config: ml_collections.ConfigDict, key: str) -> bool:
@@ -101,7 +104,30 @@ def best_change(change: Mapping[str, Sequence[float]] | None, metric: str) -> tu
     return change["mean"][i], change["ci"][i], change["n"][i], change["step"][i]
 
 
-def summarize(grid_cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]]) -> list[dict]:
+def _final_values(records: Sequence[Mapping[str, Any]], method: str, metric: str) -> dict[tuple, float]:
+    """``metric`` of ``method`` at its last evaluated step, per (identity, seed)."""
+    scored = [r for r in records if r["method"] == method and metric in r]
+    last = max((r["step"] for r in scored), default=None)
+    return {(r["identity"], r["seed"]): r[metric] for r in scored if r["step"] == last}
+
+
+def paired_difference(records: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]], method: str,
+                      metric: str) -> tuple[float, float, int] | None:
+    """(mean, 95% CI, n identities) of ``method``'s final ``metric`` minus the reference run's, paired per (identity,
+    seed) and averaged over each identity's seeds (as the benchmark's tables); None without common cells."""
+    mine, ref = _final_values(records, method, metric), _final_values(reference, method, metric)
+    per_identity: dict[Any, list[float]] = {}
+    for key in sorted(mine.keys() & ref.keys()):
+        per_identity.setdefault(key[0], []).append(mine[key] - ref[key])
+    if not per_identity:
+        return None
+    return H.mean_ci([float(np.mean(v)) for v in per_identity.values()])
+
+
+def summarize(grid_cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]],
+              reference: Mapping[str, Any] | None = None) -> list[dict]:
+    """One row per (grid cell, method): final-step metrics, the best held-out loss change, steps to target and, with
+    a ``reference`` result, the paired differences from it."""
     rows = []
     for cell, result in zip(grid_cells, results):
         summary = result["summary"]
@@ -109,6 +135,10 @@ def summarize(grid_cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping
             row = {"cell": dict(cell), "method": method, "trainable_parameters":
                    result["methods"][method]["trainable_parameters"]}
             row |= {m: final[m] for m in METRICS if m in final}
+            if reference is not None:
+                paired = {m: paired_difference(result["records"], reference["records"], method, m)
+                          for m in PAIRED_METRICS}
+                row["paired"] = {m: v for m, v in paired.items() if v is not None}
             change = best_change(summary.get("change_from_start", {}).get("heldout_loss", {}).get(method),
                                  "heldout_loss")
             if change is not None:
@@ -122,16 +152,35 @@ def summarize(grid_cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping
 def markdown(grid: Sequence[tuple[str, Sequence[Any]]], rows: Sequence[Mapping[str, Any]]) -> str:
     keys = [k for k, _ in grid]
     metrics = [m for m in METRICS if any(m in r for r in rows)]
-    header = [*keys, "method", "trainable params", *metrics, "best held-out loss change (step)", "steps to target"]
+    paired = [m for m in PAIRED_METRICS if any(m in r.get("paired", {}) for r in rows)]
+    header = [*keys, "method", "trainable params", *metrics, *(f"{m} − reference (paired)" for m in paired),
+              "best held-out loss change (step)", "steps to target"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells_ = [str(r["cell"][k]) for k in keys] + [r["method"], f"{r['trainable_parameters']:,}"]
         cells_ += [H.format_cell(tuple(r[m])) if m in r else "–" for m in metrics]
+        cells_ += [_signed(r["paired"][m]) if m in r.get("paired", {}) else "–" for m in paired]
         change = r.get("heldout_loss_best_change")
         cells_.append(f"{H.format_cell(tuple(change[:3]))} ({change[3]})" if change else "–")
         cells_.append(str(r.get("steps_to_target", "–")))
         lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(value: Sequence[float]) -> str:
+    mean, ci = value[0], value[1]
+    return f"{mean:+.3f} ± {ci:.3f}"
+
+
+def reference_index(grid_cells: Sequence[Mapping[str, Any]], reference: Sequence[tuple[str, Any]]) -> int | None:
+    """Index of the grid cell named by ``reference`` (``(key, value)`` pairs); None for no reference."""
+    if not reference:
+        return None
+    wanted = {k: v for k, v in reference}
+    for i, cell in enumerate(grid_cells):
+        if all(k in cell and cell[k] == v for k, v in wanted.items()):
+            return i
+    raise KeyError(f"config.reference {wanted} names no cell of the grid {[cell_name(c) for c in grid_cells]}")
 
 
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
@@ -141,11 +190,16 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     grid_cells = cells(grid)
     for cell in grid_cells:  # fail on a typo before hours of compute
         cell_configs(config, cell)
+    ref = reference_index(grid_cells, [tuple(pair) for pair in config.get("reference", ())])
     results = [run_cell(config, cell, workdir, log, grid_cells[:i]) for i, cell in enumerate(grid_cells)]
-    rows = summarize(grid_cells, results)
+    rows = summarize(grid_cells, results, None if ref is None else results[ref])
     table = (f"# {config.title}\n\nMean ± 95% CI over identities (each identity's seeds averaged first) at the "
              "final adaptation step; the best held-out loss change is paired per identity (since step 0), at the "
-             "step where its mean is lowest.\n\n")
+             "step where its mean is lowest.")
+    if ref is not None:
+        table += (f" The reference of the paired columns is the cell {cell_name(grid_cells[ref])}: the same method's "
+                  "value there, subtracted within each identity and seed.")
+    table += "\n\n"
     table += markdown(grid, rows)
     atomic_write_text(workdir / "ablation.md", table)
     out = {"config": config_to_dict(config), "grid": grid, "rows": rows}

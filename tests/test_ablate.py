@@ -1,10 +1,16 @@
 """Ablation runner at smoke size: grid keys reach the right sub-configs, cells are resumable, typos fail early."""
 
+import json
+import pathlib
+
 import pytest
 from safetensors.numpy import load_file
 
-from configs import ablate_tiny
+from configs import ablate_tiny, meta_phd_tiny
 from experiments import ablate
+from metalora.eval import benchmark
+
+SHIPPED_CELLS = pathlib.Path(__file__).resolve().parents[1] / "assets" / "default_benchmark" / "cells"
 
 
 def smoke_config():
@@ -63,3 +69,57 @@ def test_best_change_is_the_paired_change_at_the_best_later_step():
              "heldout_loss": (0.0853, 0.0112, 8), "heldout_loss_best_change": (-5e-4, 2e-4, 8, 50)}]
     table = ablate.markdown((("lora.rank", (2,)),), rows)
     assert "| 2 | meta_lora | 1,234 | 0.0853 ± 0.0112 | -0.00050 ± 0.00020 (50) | – |" in table
+
+
+def test_the_stacked_id_merge_grid_reuses_the_shipped_default_benchmark_cells():
+    """The grid keeps the default benchmark's settings: its default value's cell has the fingerprint of the shipped
+    ``stacked_id`` cells (so they are copied), the other values change it, and no meta-training is asked for."""
+    config = ablate_tiny.get_config("stacked_id_merge")
+    key, values = config.grid[0]
+    assert config.benchmark.methods == ("stacked_id",) and 5 in values
+    default = meta_phd_tiny.get_config()
+    assert default.method.stacked_id.start_merge_step == 5
+    shipped = {json.loads(p.read_text())["fingerprint"] for p in SHIPPED_CELLS.glob("stacked_id__seed*.json")}
+    prints = {}
+    for value in values:
+        _, bc = ablate.cell_configs(config, {key: value})
+        prints[value] = benchmark.config_fingerprint(bc, "stacked_id")
+    assert prints[5] == benchmark.config_fingerprint(default, "stacked_id")
+    assert shipped == {prints[5]}
+    assert len(set(prints.values())) == len(values)
+
+
+def test_shipped_default_benchmark_cells_match_the_default_config():
+    """``assets/default_benchmark`` claims to hold cells of the default benchmark: after a change to a setting that
+    changes a method's numbers, its shipped cells would be silently recomputed, so recompute and ship them anew (or
+    say in its README which are stale)."""
+    default = meta_phd_tiny.get_config()
+    cells = sorted(SHIPPED_CELLS.glob("*.json"))
+    assert cells
+    for path in cells:
+        cell = json.loads(path.read_text())
+        assert cell["variant"] in default.methods, path.name
+        assert cell["fingerprint"] == benchmark.config_fingerprint(default, cell["variant"]), path.name
+        assert path.with_suffix(".npz").exists(), path.name
+
+
+def test_paired_difference_pairs_identity_and_seed_at_the_final_step_and_averages_seeds_first():
+    def rec(identity, seed, step, value, method="m"):
+        return {"method": method, "identity": identity, "seed": seed, "step": step, "r_face_sim": value}
+
+    reference = [rec(1, 0, 0, 0.10), rec(1, 1, 0, 0.30), rec(2, 0, 0, 0.50), rec(2, 1, 0, 0.70),
+                 rec(1, 0, 0, 9.0, method="other")]
+    records = [rec(1, 0, 0, 5.0), rec(1, 0, 25, 0.20), rec(1, 1, 25, 0.60),  # identity 1: +0.1, +0.3 → +0.2
+               rec(2, 0, 25, 0.90), rec(2, 1, 25, 0.90),  # identity 2: +0.4, +0.2 → +0.3
+               rec(3, 0, 25, 1.0)]  # no reference partner: left out
+    mean, ci, n = ablate.paired_difference(records, reference, "m", "r_face_sim")
+    assert n == 2 and mean == pytest.approx(0.25)
+    # t(0.975, 1) · sd / √n, where the sample sd of (0.2, 0.3) is 0.1 / √2
+    assert ci == pytest.approx(12.7062 * 0.05, rel=1e-4)
+    assert ablate.paired_difference(records, reference, "absent", "r_face_sim") is None
+
+    cells = ablate.cells((("a", (1, 2)), ("b", ("x", "y"))))
+    assert ablate.reference_index(cells, (("a", 2), ("b", "x"))) == 2
+    assert ablate.reference_index(cells, ()) is None
+    with pytest.raises(KeyError, match="names no cell"):
+        ablate.reference_index(cells, (("a", 3),))
