@@ -174,7 +174,9 @@ def plot_curves(
         if x.shape != y.shape:
             raise ValueError(f"curve {label!r}: x has shape {x.shape} but y has shape {y.shape}")
         band = tuple(np.asarray(b, float) for b in bands[label]) if bands and label in bands else None
-        if categories is not None:
+        # A curve of one evaluation (a tuning-free method scored at step 0 only) is drawn as a point with an error
+        # bar: as a line it would be invisible.
+        if categories is not None or len(x) == 1:
             yerr = None if band is None else np.stack([y - band[0], band[1] - y])
             ax.errorbar(x, y, yerr=yerr, label=label, marker="o", linestyle="none", capsize=4)
             continue
