@@ -159,7 +159,13 @@ def test_aggregate_steps_to_target():
     assert summary["target"]["steps"] == {"meta_lora": 20, "lora": 40}
     assert summary["final"]["meta_lora"]["r_face_sim"][0] == pytest.approx(0.6)
     table = H.markdown_table(summary, {"lora": {"params": 5}})
-    assert "| meta_lora | 40 |" in table and "0.600" in table
+    assert "| meta_lora | 40 |" in table and "0.600" in table and "| s to target |" not in table
+    timed = H.markdown_table(summary, {}, seconds_per_step={"meta_lora": 1.5, "lora": 0.5})
+    header = next(line for line in timed.splitlines() if line.startswith("| method"))
+    assert header.endswith("| steps to target | s to target |")
+    assert [line.rsplit("|", 3)[1:3] for line in timed.splitlines() if line.startswith(("| meta_lora", "| lora"))] == [
+        [" 20 ", " 30 "], [" 40 ", " 20 "]]  # 20 × 1.5 s and 40 × 0.5 s: fewer steps need not mean less time
+    assert H.seconds_to_target(None, 1.0) is None and H.seconds_to_target(10, None) is None
 
 
 def test_the_target_is_the_reference_best_when_it_over_fits():

@@ -398,12 +398,21 @@ def _method_notes(info: Mapping[str, Any]) -> list[str]:
     return notes
 
 
-def _short_extras(info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _seconds_per_step(info: Mapping[str, Any]) -> dict[str, float]:
+    """Mean seconds per adaptation step (all subjects) over each variant's cells; tuning-free variants have none."""
     out = {}
     for variant, i in info.items():
-        sps = [x for x in i.get("seconds_per_step_all_subjects", []) if np.isfinite(x)]  # none: tuning-free
+        sps = [x for x in i.get("seconds_per_step_all_subjects", []) if np.isfinite(x)]
+        if sps:
+            out[variant] = float(np.mean(sps))
+    return out
+
+
+def _short_extras(info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out, sps = {}, _seconds_per_step(info)
+    for variant, i in info.items():
         out[variant] = {"trainable params": f"{i['trainable_parameters']:,}", "lr": f"{i['learning_rate']:g}",
-                        "s/step (all subjects)": f"{np.mean(sps):.3f}" if sps else "–"}
+                        "s/step (all subjects)": f"{sps[variant]:.3f}" if variant in sps else "–"}
         if "frechet_to_heldout" in i:
             out[variant]["FD to held-out"] = f"{i['frechet_to_heldout']:.3g}"
     return out
@@ -440,7 +449,7 @@ def tables_and_curves(workdir: pathlib.Path, header: str, summary: Mapping[str, 
                       notes: Sequence[str] = ()) -> tuple[str, dict[str, str]]:
     """``table.md`` (``header``, the final-step table, then every curve as a table) and the curve plots; returns the
     final-step table and {plot name: path}."""
-    table = H.markdown_table(summary, _short_extras(info), notes=notes)
+    table = H.markdown_table(summary, _short_extras(info), notes=notes, seconds_per_step=_seconds_per_step(info))
     # (what, how paired, plot-file suffix, curves): the raw curves, then the paired ones, in which the spread between
     # identities (far larger than what adaptation changes) cancels.
     sections = [("by adaptation step", "", "", summary["curves"]),

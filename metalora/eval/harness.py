@@ -519,26 +519,42 @@ def format_cell(cell: Any, digits: int = 3) -> str:
     return str(cell)
 
 
+def seconds_to_target(steps: int | None, seconds_per_step: float | None) -> float | None:
+    """Adaptation time to the target: its steps × the method's seconds per step (None if either is unknown)."""
+    if steps is None or seconds_per_step is None or not np.isfinite(seconds_per_step):
+        return None
+    return steps * seconds_per_step
+
+
 def markdown_table(summary: Mapping[str, Any], extra: Mapping[str, Mapping[str, Any]],
-                   notes: Sequence[str] = ()) -> str:
+                   notes: Sequence[str] = (), seconds_per_step: Mapping[str, float] | None = None) -> str:
     """Final-step table (mean ± 95% CI over identities, seeds averaged first) with per-method extras (parameters,
-    timing, FD)."""
+    timing, FD). With ``seconds_per_step`` (per method) and a target, a column of the adaptation seconds to it."""
     columns = [m for m in METRICS if any(m in f for f in summary["final"].values())]
     extra_cols = list(dict.fromkeys(k for e in extra.values() for k in e))
     header = ["method", "step", *columns, *extra_cols]
+    timed = "target" in summary and seconds_per_step is not None
     if "target" in summary:
         header.append("steps to target")
+    if timed:
+        header.append("s to target")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, f in summary["final"].items():
         cells = [method, str(f["step"]), *(format_cell(f.get(c)) for c in columns),
                  *(format_cell(extra.get(method, {}).get(c)) for c in extra_cols)]
         if "target" in summary:
             cells.append(format_cell(summary["target"]["steps"].get(method)))
+        if timed:
+            seconds = seconds_to_target(summary["target"]["steps"].get(method), seconds_per_step.get(method))
+            cells.append("–" if seconds is None else f"{seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     if "target" in summary:
         t = summary["target"]
         lines.append(f"\nSteps to target: first evaluated step whose mean {t['metric']} reaches "
                      f"{t['value']:.4f}, the best mean of `{t['reference_method']}` over its steps (– = never).")
+    if timed:
+        lines.append("s to target: steps to target × the method's seconds per adaptation step (all subjects in one "
+                     "call), as measured, on whatever load the machine had when each cell ran.")
     lines += [f"\n{note}" for note in notes]
     return "\n".join(lines) + "\n"
 
