@@ -104,24 +104,28 @@ def best_change(change: Mapping[str, Sequence[float]] | None, metric: str) -> tu
     return change["mean"][i], change["ci"][i], change["n"][i], change["step"][i]
 
 
-def _final_values(records: Sequence[Mapping[str, Any]], method: str, metric: str) -> dict[tuple, float]:
-    """``metric`` of ``method`` at its last evaluated step, per (identity, seed)."""
+def _final_records(records: Sequence[Mapping[str, Any]], method: str, metric: str) -> list[Mapping[str, Any]]:
+    """``method``'s records holding ``metric`` at its last evaluated step."""
     scored = [r for r in records if r["method"] == method and metric in r]
     last = max((r["step"] for r in scored), default=None)
-    return {(r["identity"], r["seed"]): r[metric] for r in scored if r["step"] == last}
+    return [r for r in scored if r["step"] == last]
 
 
 def paired_difference(records: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]], method: str,
                       metric: str) -> tuple[float, float, int] | None:
     """(mean, 95% CI, n identities) of ``method``'s final ``metric`` minus the reference run's, paired per (identity,
-    seed) and averaged over each identity's seeds (as the benchmark's tables); None without common cells."""
-    mine, ref = _final_values(records, method, metric), _final_values(reference, method, metric)
-    per_identity: dict[Any, list[float]] = {}
-    for key in sorted(mine.keys() & ref.keys()):
-        per_identity.setdefault(key[0], []).append(mine[key] - ref[key])
+    seed) and averaged over each identity's seeds: the benchmark's own pairing (``H.difference_from``,
+    ``H.seed_means``), with the reference run's final records as the reference method at the same step.
+    None without common cells."""
+    mine = _final_records(records, method, metric)
+    if not mine:
+        return None
+    step = mine[0]["step"]
+    ref = [dict(r, method="<reference>", step=step) for r in _final_records(reference, method, metric)]
+    per_identity = H.seed_means(H.difference_from([*mine, *ref], metric, "<reference>"), metric)
     if not per_identity:
         return None
-    return H.mean_ci([float(np.mean(v)) for v in per_identity.values()])
+    return H.mean_ci([r[metric] for r in per_identity])
 
 
 def summarize(grid_cells: Sequence[Mapping[str, Any]], results: Sequence[Mapping[str, Any]],
