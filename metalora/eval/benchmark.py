@@ -408,8 +408,9 @@ def _seconds_per_step(info: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _short_extras(info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    out, sps = {}, _seconds_per_step(info)
+def _short_extras(info: Mapping[str, Any], sps: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """The table's per-variant columns; ``sps``: ``_seconds_per_step(info)``."""
+    out = {}
     for variant, i in info.items():
         out[variant] = {"trainable params": f"{i['trainable_parameters']:,}", "lr": f"{i['learning_rate']:g}",
                         "s/step (all subjects)": f"{sps[variant]:.3f}" if variant in sps else "–"}
@@ -449,7 +450,8 @@ def tables_and_curves(workdir: pathlib.Path, header: str, summary: Mapping[str, 
                       notes: Sequence[str] = ()) -> tuple[str, dict[str, str]]:
     """``table.md`` (``header``, the final-step table, then every curve as a table) and the curve plots; returns the
     final-step table and {plot name: path}."""
-    table = H.markdown_table(summary, _short_extras(info), notes=notes, seconds_per_step=_seconds_per_step(info))
+    sps = _seconds_per_step(info)
+    table = H.markdown_table(summary, _short_extras(info, sps), notes=notes, seconds_per_step=sps)
     # (what, how paired, plot-file suffix, curves): the raw curves, then the paired ones, in which the spread between
     # identities (far larger than what adaptation changes) cancels.
     sections = [("by adaptation step", "", "", summary["curves"]),
