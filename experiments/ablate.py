@@ -76,15 +76,22 @@ def cell_name(cell: Mapping[str, Any]) -> str:
 
 def run_cell(config, cell: Mapping[str, Any], workdir: pathlib.Path, log,
              earlier: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """Meta-train the cell's ``D`` (if a method needs one) and run its benchmark; a method's (method, seed) cells
-    that an ``earlier`` grid cell computed with the same settings are copied, not recomputed (e.g. plain LoRA's in
-    an r_m sweep)."""
+    """Meta-train the cell's ``D`` (if a method needs one) and run its benchmark. What an ``earlier`` grid cell
+    computed with the same settings is reused, not recomputed: its ``D`` (e.g. in a shots sweep) and a method's
+    (method, seed) cells (e.g. plain LoRA's in an r_m sweep)."""
     mt, bc = cell_configs(config, cell)
     folder = workdir / cell_name(cell)
     if "meta_lora" in bc.methods:
-        log(f"[{cell_name(cell)}] meta-training D ({mt.meta.algorithm}, {mt.train.steps} steps)")
-        meta_train.main(mt, folder / "meta")
-        bc.method.meta_lora.meta_down = str(folder / "meta" / "meta_down")
+        # A grid over benchmark-only keys (e.g. protocol.shots) meta-trains the same D in every cell: train it
+        # once, in the first cell that has it.
+        same = [c for c in earlier if config_to_dict(cell_configs(config, c)[0]) == config_to_dict(mt)]
+        meta_folder = (workdir / cell_name(same[0]) if same else folder) / "meta"
+        if same:
+            log(f"[{cell_name(cell)}] using the D of {cell_name(same[0])} (same meta-training settings)")
+        else:
+            log(f"[{cell_name(cell)}] meta-training D ({mt.meta.algorithm}, {mt.train.steps} steps)")
+            meta_train.main(mt, meta_folder)
+        bc.method.meta_lora.meta_down = str(meta_folder / "meta_down")
     sources = [workdir / cell_name(c) / "benchmark" for c in earlier]
     for reused in benchmark.reuse_cells(bc, sources, folder / "benchmark"):
         log(f"[{cell_name(cell)}] reusing {reused} (same settings)")

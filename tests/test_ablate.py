@@ -46,6 +46,21 @@ def test_ablation_smoke_runs_and_resumes(tmp_path, capsys):
     assert again["rows"] == out["rows"]
 
 
+def test_cells_with_the_same_meta_training_share_one_d(tmp_path, capsys):
+    config = ablate_tiny.get_config("smoke")
+    config.grid = (("protocol.shots", (1, 2)),)  # a benchmark-only key: both cells need the same D
+    config.benchmark.methods = ("meta_lora",)
+    out = ablate.main(config, tmp_path)
+    log = capsys.readouterr().out
+    assert log.count("meta-training D") == 1
+    assert "[protocol.shots=2] using the D of protocol.shots=1" in log
+    assert not (tmp_path / "protocol.shots=2" / "meta").exists()
+    results = json.loads((tmp_path / "protocol.shots=2" / "benchmark" / "results.json").read_text())
+    assert results["config"]["method"]["meta_lora"]["meta_down"] == str(tmp_path / "protocol.shots=1" / "meta" /
+                                                                         "meta_down")
+    assert [r["cell"]["protocol.shots"] for r in out["rows"]] == [1, 2]
+
+
 def test_a_method_the_grid_does_not_touch_runs_once(tmp_path, capsys):
     config = ablate_tiny.get_config("smoke")
     config.grid = (("lora.mid_rank", (2, 4)),)  # r_m: plain LoRA has no Mid factor
