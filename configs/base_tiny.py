@@ -84,6 +84,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # the shipped base was trained.
     c.train.high_noise_fraction = 0.0
     c.train.high_noise_start = 800
+    # Counterfactual pairs (synthetic data only): each photo comes with itself re-rendered with one of these
+    # attributes changed (same person, jitter, noise and t), and the loss adds pair_weight × the MSE between the two
+    # predictions' difference and the two targets' difference. That difference is the changed attribute alone, which
+    # in the plain loss is a tiny share of the pixel variance (pose 0.17 %). () = off, as the shipped base; each pair
+    # is two images, so batch_size counts pairs (16 pairs = the compute of 32 photos).
+    c.data.counterfactual = ()
+    c.train.pair_weight = 1.0
     c.train.ema_decay = 0.995  # a ~200-step horizon
     # True: decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so early EMA weights are not mostly the random
     # init (off in the recorded runs: with 1200 steps the init's weight in the EMA is 0.995**1200 ≈ 0.2%).

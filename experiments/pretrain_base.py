@@ -59,8 +59,12 @@ class CaptionBatches:
 
     def __next__(self) -> dict[str, np.ndarray]:
         ep = next(self._it)
-        captions = [str(c) for c in ep["captions"][:, 0]]
-        return {"images": ep["images"][:, 0], "input_ids": self._tokenizer.tokenize(captions)}
+        batch = {}
+        for prefix in ("", "pair_") if "pair_images" in ep else ("",):
+            captions = [str(c) for c in ep[f"{prefix}captions"][:, 0]]
+            batch.update({f"{prefix}images": ep[f"{prefix}images"][:, 0],
+                          f"{prefix}input_ids": self._tokenizer.tokenize(captions)})
+        return batch
 
     def get_state(self) -> dict:
         return self._it.get_state()
@@ -76,6 +80,7 @@ def make_data(config: ml_collections.ConfigDict, tokenizer) -> CaptionBatches:
         builders.prepare(builders.track_builder(data, resolution=config.model.resolution)), data.split,
         identities_per_step=config.train.batch_size, shots=1, seed=config.seed,
         augment=episodes.Augment(pad_fraction=data.pad_fraction, flip_prob=data.flip_prob),
+        counterfactual=tuple(data.counterfactual),
     )
     return CaptionBatches(sampler.iterator(num_threads=data.num_threads), tokenizer)
 
@@ -120,7 +125,8 @@ def make_state_and_step(config: ml_collections.ConfigDict, model: bm.BaseModel):
         state = create_train_state({"unet": params["unet"]}, optimizer, ema=t.ema_decay > 0,
                                    frozen={"text_encoder": params["text_encoder"]})
     loss_fn = functools.partial(_loss, model, cond_drop_prob=t.cond_drop_prob, min_snr_gamma=t.min_snr_gamma or None,
-                                high_noise_fraction=t.high_noise_fraction, high_noise_start=t.high_noise_start)
+                                high_noise_fraction=t.high_noise_fraction, high_noise_start=t.high_noise_start,
+                                pair_weight=t.pair_weight)
     step_fn = make_train_step(loss_fn, optimizer, ema_decay=t.ema_decay or None, ema_warmup=t.ema_warmup,
                               lr_schedule=make_lr_schedule(opt_config))
     return state, step_fn

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from metalora.data import world
+from metalora.diffusion import training_noise
 from metalora.models import base_model as bm
 
 
@@ -84,6 +85,36 @@ def test_loss_matches_its_definition(tiny):
     weights = np.minimum(snr, 5.0) / (snr + 1.0)
     expected = np.mean(weights * np.mean((np.asarray(pred) - v) ** 2, axis=(1, 2, 3)))
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+
+
+def test_counterfactual_pair_loss(tiny):
+    """A partner identical to its photo adds nothing (pair term 0, the same loss as the photos alone); a real
+    partner's term is the MSE between the two predictions' and the two targets' differences at one shared t and
+    noise, recomputed here from the closed-form forward process."""
+    model, params = tiny
+    batch = _batch(model)
+    key = jax.random.key(5)
+    alone, _ = bm.base_loss(model, params, batch, key, cond_drop_prob=0.5, min_snr_gamma=None)
+    twin = {**batch, "pair_images": batch["images"], "pair_input_ids": batch["input_ids"]}
+    loss, aux = bm.base_loss(model, params, twin, key, cond_drop_prob=0.5, min_snr_gamma=None)
+    assert float(aux["pair_mse"]) == 0.0
+    np.testing.assert_allclose(float(loss), float(alone), rtol=1e-6)
+
+    other = _batch(model, seed=1)  # other people: only the arithmetic is checked here
+    pairs = {**batch, "pair_images": other["images"], "pair_input_ids": other["input_ids"]}
+    loss, aux = bm.base_loss(model, params, pairs, key, cond_drop_prob=0.0, min_snr_gamma=None, pair_weight=0.5)
+    _, k_noise = jax.random.split(key)
+    t, eps = training_noise(model.schedule, k_noise, batch["images"])
+    a = np.asarray(model.schedule.alphas_cumprod)[np.asarray(t)].reshape(-1, 1, 1, 1)
+    preds, targets = [], []
+    for x0, ids in ((batch["images"], batch["input_ids"]), (other["images"], other["input_ids"])):
+        x_t = np.sqrt(a) * np.asarray(x0) + np.sqrt(1 - a) * np.asarray(eps)
+        targets.append(np.sqrt(a) * np.asarray(eps) - np.sqrt(1 - a) * np.asarray(x0))
+        preds.append(np.asarray(bm.denoise(model, params, jnp.asarray(x_t, jnp.float32), t, ids)))
+    plain = np.mean([np.mean((p - v) ** 2) for p, v in zip(preds, targets)])
+    pair = np.mean(((preds[0] - preds[1]) - (targets[0] - targets[1])) ** 2)
+    np.testing.assert_allclose(float(aux["pair_mse"]), pair, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), plain + 0.5 * pair, rtol=1e-4)
 
 
 def test_caption_dropout_uses_the_empty_prompt_at_the_asked_rate(tiny):

@@ -82,6 +82,32 @@ def test_flip_mirrors_pixels_and_labels(smoke):
         assert plain["captions"][i, j] == world.make_caption(a)
 
 
+def test_counterfactual_partners_change_one_attribute(smoke):
+    names = ("pose", "glasses", "expression")
+    s = _sampler(smoke, query_shots=0, counterfactual=names, augment=episodes.Augment(pad_fraction=0.1))
+    b = s.episode(0)
+    assert b["pair_images"].shape == b["images"].shape and b["pair_captions"].shape == b["captions"].shape
+    allowed = {world.ATTRIBUTE_NAMES.index(n) for n in names}
+    for i, j in np.ndindex(b["captions"].shape):
+        changed = np.flatnonzero(b["attributes"][i, j] != b["pair_attributes"][i, j])
+        assert len(changed) == 1 and int(changed[0]) in allowed
+        pair = world.attributes_from_ids(b["pair_attributes"][i, j])
+        assert b["pair_captions"][i, j] == world.make_caption(pair)
+        # Same person, jitter, crop and flip: re-rendered without the change, the partner is the photo itself.
+        ex = s.source[int(b["records"][i, j])]
+        same = world.render_face(np.asarray(ex["traits"]), world.attributes_from_ids(ex["attributes"]),
+                                 np.asarray(ex["jitter"]), b["images"].shape[2])
+        np.testing.assert_array_equal(same, np.asarray(ex["image"]))
+        assert 0 < np.mean(np.abs(b["pair_images"][i, j] - b["images"][i, j])) < 0.2
+        # ... and cropped and flipped as the photo: the background in the top corners is the same pixels.
+        for corner in (np.s_[:3, :3], np.s_[:3, -3:]):
+            np.testing.assert_array_equal(b["pair_images"][i, j][corner], b["images"][i, j][corner])
+    assert s.fingerprint() != _sampler(smoke, query_shots=0, augment=episodes.Augment(pad_fraction=0.1)).fingerprint()
+    _assert_batches_equal(b, s.episode(0))  # still a pure function of (seed, step)
+    with pytest.raises(ValueError, match="unknown attributes"):
+        _sampler(smoke, counterfactual=("nose",))
+
+
 def test_crop_keeps_shape_and_moves_content():
     img = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
     rng = np.random.default_rng(0)

@@ -9,6 +9,8 @@ Batches are numpy dicts: ``images`` float32 in [-1, 1], NHWC per shot, shape (B,
 ``captions`` (B, k) str; ``attributes`` (B, k, A) int64 class ids in ``world.ATTRIBUTE_NAMES`` order (-1 where a
 record has no such label); ``flipped`` (B, k) bool; ``records`` (B, k) record indices. With ``query_shots > 0``
 the same keys prefixed ``query_`` hold q further photos of the same identities (for MAML-style outer losses).
+With ``counterfactual`` attribute names (synthetic records only), every shot also has ``pair_images``,
+``pair_captions`` and ``pair_attributes``: the same photo re-rendered with one of those attributes changed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import numpy as np
 from metalora.data import builders, world
 
 EPISODE_STREAM = 3  # SeedSequence stream id, distinct from the world's and the protocol's
-_SHOT_KEYS = ("images", "captions", "attributes", "flipped", "records")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,14 @@ def random_crop(image: np.ndarray, pad: int, rng: np.random.Generator) -> np.nda
     return padded[y : y + h, x : x + w]
 
 
+def counterfactual_attributes(attributes: Mapping[str, str], names: Sequence[str],
+                              rng: np.random.Generator) -> dict[str, str]:
+    """``attributes`` with one of ``names`` (drawn uniformly) set to another of its classes (drawn uniformly)."""
+    name = names[rng.integers(len(names))]
+    others = [c for c in world.ATTRIBUTE_CLASSES[name] if c != attributes[name]]
+    return {**attributes, name: others[rng.integers(len(others))]}
+
+
 def to_unit_range(image: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return image.astype(np.float32) / 127.5 - 1.0
@@ -86,6 +95,7 @@ class EpisodeSampler:
         query_shots: int = 0,
         seed: int = 0,
         augment: Augment = Augment(),
+        counterfactual: Sequence[str] = (),
     ):
         if identities_per_step < 1 or shots < 1 or query_shots < 0:
             raise ValueError(
@@ -106,6 +116,11 @@ class EpisodeSampler:
         self.query_shots = query_shots
         self.seed = seed
         self.augment = augment
+        unknown = set(counterfactual) - set(world.ATTRIBUTE_NAMES)
+        if unknown:
+            raise ValueError(f"counterfactual: unknown attributes {sorted(unknown)}; the world's are "
+                             f"{list(world.ATTRIBUTE_NAMES)}")
+        self.counterfactual = tuple(counterfactual)
 
     def fingerprint(self) -> str:
         """What a checkpointed state must agree with to be restored into this sampler."""
@@ -116,6 +131,7 @@ class EpisodeSampler:
                 "shots": self.shots,
                 "query_shots": self.query_shots,
                 "augment": dataclasses.asdict(self.augment),
+                "counterfactual": list(self.counterfactual),
                 "num_identities": len(self.identities),
                 "num_records": len(self.source),
             },
@@ -127,6 +143,17 @@ class EpisodeSampler:
         image = np.asarray(ex["image"], np.uint8)
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=-1)
+        pair_attrs = None
+        if self.counterfactual:
+            # The same person, pose jitter and framing with one attribute changed: rendered before the crop and
+            # flip, stacked on the channels, so both images get the same augmentation.
+            if "traits" not in ex:
+                raise ValueError("counterfactual pairs need synthetic records (traits and jitter to re-render); "
+                                 f"record {record} has none")
+            pair_attrs = counterfactual_attributes(world.attributes_from_ids(ex["attributes"]), self.counterfactual,
+                                                   rng)
+            pair = world.render_face(np.asarray(ex["traits"]), pair_attrs, np.asarray(ex["jitter"]), image.shape[0])
+            image = np.concatenate([image, pair], axis=-1)
         pad = round(image.shape[0] * self.augment.pad_fraction)
         image = random_crop(image, pad, rng)
         flip = bool(rng.random() < self.augment.flip_prob)
@@ -141,13 +168,18 @@ class EpisodeSampler:
             attr_ids = attribute_vector(json.loads(builders.decode_text(ex.get("attributes_json", b"{}"))))
         if flip:
             image = image[:, ::-1]
-        return {
-            "images": to_unit_range(image),
+        shot = {
+            "images": to_unit_range(image[..., :3]),
             "captions": caption,
             "attributes": attr_ids,
             "flipped": flip,
             "records": record,
         }
+        if pair_attrs is not None:
+            pair_attrs = world.flip_attributes(pair_attrs) if flip else pair_attrs
+            shot.update(pair_images=to_unit_range(image[..., 3:]), pair_captions=world.make_caption(pair_attrs),
+                        pair_attributes=world.attribute_ids(pair_attrs))
+        return shot
 
     def episode(self, step: int) -> dict[str, np.ndarray]:
         """The batch of training step ``step`` (pure in (seed, step))."""
@@ -177,7 +209,7 @@ class EpisodeSampler:
 
 
 def _stack(shots: list[list[dict]], prefix: str) -> dict[str, np.ndarray]:
-    return {prefix + key: np.array([[s[key] for s in row] for row in shots]) for key in _SHOT_KEYS}
+    return {prefix + key: np.array([[s[key] for s in row] for row in shots]) for key in shots[0][0]}
 
 
 class EpisodeIterator:
@@ -222,6 +254,7 @@ def make_sampler(
     seed: int = 0,
     augment: Augment = Augment(),
     max_identities: int = 0,
+    counterfactual: Sequence[str] = (),
 ) -> EpisodeSampler:
     """Sampler over a prepared (or preparable) tfds builder's split; the identity index is read without decoding
     images. ``max_identities > 0`` keeps only the first that many identities (by id): the number-of-identities
@@ -239,4 +272,5 @@ def make_sampler(
         query_shots=query_shots,
         seed=seed,
         augment=augment,
+        counterfactual=counterfactual,
     )

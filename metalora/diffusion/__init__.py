@@ -37,6 +37,7 @@ from metalora.diffusion.losses import (
     sample_timesteps,
     snr,
     training_inputs,
+    training_noise,
 )
 from metalora.diffusion.samplers import (
     ModelFn,
@@ -109,6 +110,7 @@ __all__ = [
     "snr",
     "squaredcos_cap_v2_betas",
     "training_inputs",
+    "training_noise",
     "training_target",
     "v_to_eps",
     "v_to_x0",

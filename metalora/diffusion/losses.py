@@ -107,13 +107,19 @@ def sample_flow_sigmas(
     return schedule.shift_sigmas(u, mu).astype(jnp.float32)
 
 
-def training_inputs(schedule: NoiseSchedule, key: jax.Array, x0: jax.Array,
-                    **timestep_kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One draw of (x_t, t, target) for a batch of clean samples: t (uniform unless ``timestep_kwargs`` say
-    otherwise, see :func:`sample_timesteps`), Gaussian noise, both from ``key``."""
+def training_noise(schedule: NoiseSchedule, key: jax.Array, x0: jax.Array,
+                   **timestep_kwargs) -> tuple[jax.Array, jax.Array]:
+    """(t, noise) for a batch of clean samples ``x0``: t uniform unless ``timestep_kwargs`` say otherwise (see
+    :func:`sample_timesteps`), Gaussian noise of ``x0``'s shape, both from ``key``."""
     k_t, k_noise = jax.random.split(key)
     t = sample_timesteps(k_t, x0.shape[0], schedule.num_train_timesteps, **timestep_kwargs)
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    return t, jax.random.normal(k_noise, x0.shape, x0.dtype)
+
+
+def training_inputs(schedule: NoiseSchedule, key: jax.Array, x0: jax.Array,
+                    **timestep_kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One draw of (x_t, t, target) for a batch of clean samples (t and noise from :func:`training_noise`)."""
+    t, noise = training_noise(schedule, key, x0, **timestep_kwargs)
     return add_noise(schedule, x0, noise, t), t, training_target(schedule, x0, noise, t)
 
 

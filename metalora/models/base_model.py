@@ -44,12 +44,14 @@ from metalora.compiler import jit
 from metalora.data import world
 from metalora.diffusion import (
     NoiseSchedule,
+    add_noise,
     ddim_sample,
     diffusion_loss,
     initial_noise,
     loss_weights,
     per_example_mse,
-    training_inputs,
+    training_noise,
+    training_target,
 )
 from metalora.models import convert
 from metalora.models.clip import (
@@ -429,23 +431,44 @@ def base_loss(
     min_snr_gamma: float | None = 5.0,
     high_noise_fraction: float = 0.0,
     high_noise_start: int = 0,
+    pair_weight: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Pretraining loss of the composite: text encoder and UNet both differentiated.
 
     ``batch``: ``images`` (B, H, W, C) float in [-1, 1] and ``input_ids`` (B, L) int. Returns the min-SNR-γ weighted
     loss and ``{"mse": unweighted MSE}``. ``high_noise_*``: the timestep mixture of ``sample_timesteps``.
+
+    With counterfactual partners (``pair_images``, ``pair_input_ids``: each photo re-rendered with one attribute
+    changed, ``metalora.data.episodes``), both images of a pair get the same t, noise and caption dropout; the loss
+    is the weighted loss over all 2B images plus ``pair_weight`` × the MSE between the difference of the two
+    predictions and the difference of the two targets, with the same weights (``{"pair_mse": ...}`` reports it).
     """
     images = jnp.asarray(batch["images"], jnp.float32)
     if images.shape[1:] != model.sample_shape:
         raise ValueError(f"base_loss: images have shape {images.shape[1:]} per example, the model draws "
                          f"{model.sample_shape}")
+    paired = "pair_images" in batch
     k_drop, k_noise = jax.random.split(key)
-    input_ids, _ = drop_captions(model, k_drop, jnp.asarray(batch["input_ids"], jnp.int32), cond_drop_prob)
-    x_t, t, target = training_inputs(model.schedule, k_noise, images, high_noise_fraction=high_noise_fraction,
-                                     high_noise_start=high_noise_start)
+    input_ids, dropped = drop_captions(model, k_drop, jnp.asarray(batch["input_ids"], jnp.int32), cond_drop_prob)
+    t, noise = training_noise(model.schedule, k_noise, images, high_noise_fraction=high_noise_fraction,
+                              high_noise_start=high_noise_start)
+    if paired:  # the partners go after the photos, with the photos' t, noise and dropped captions
+        images = jnp.concatenate([images, jnp.asarray(batch["pair_images"], jnp.float32)])
+        pair_ids = jnp.where(dropped[:, None], jnp.asarray(model.empty_ids)[None],
+                             jnp.asarray(batch["pair_input_ids"], jnp.int32))
+        input_ids, t, noise = (jnp.concatenate([a, b]) for a, b in ((input_ids, pair_ids), (t, t), (noise, noise)))
+    x_t, target = add_noise(model.schedule, images, noise, t), training_target(model.schedule, images, noise, t)
     pred = denoise(model, params, x_t, t, input_ids)
-    loss = diffusion_loss(pred, target, loss_weights(model.schedule, t, min_snr_gamma))
-    return loss, {"mse": jnp.mean(per_example_mse(pred, target))}
+    weights = loss_weights(model.schedule, t, min_snr_gamma)
+    loss = diffusion_loss(pred, target, weights)
+    metrics = {"mse": jnp.mean(per_example_mse(pred, target))}
+    if paired:
+        half = images.shape[0] // 2
+        delta_pred, delta_target = pred[:half] - pred[half:], target[:half] - target[half:]
+        pair_loss = diffusion_loss(delta_pred, delta_target, weights[:half])
+        loss = loss + pair_weight * pair_loss
+        metrics["pair_mse"] = jnp.mean(per_example_mse(delta_pred, delta_target))
+    return loss, metrics
 
 
 def to_unit_images(x: jax.Array) -> jax.Array:
