@@ -30,7 +30,8 @@ GRIDS = {
 # Grids over the settings of methods that need no Meta-Down: the methods they run.
 DEFAULT_BENCHMARK_GRIDS = {"stacked_id_merge": ("stacked_id",)}
 # The cell that the table's paired columns subtract (the default setting), per grid; none for the others.
-REFERENCES = {"stacked_id_merge": (("method.stacked_id.start_merge_step", 5),)}
+REFERENCES = {"stacked_id_merge": (("method.stacked_id.start_merge_step", 5),),
+              "identities": (("meta.num_identities", 100),), "shots": (("protocol.shots", 1),)}
 
 
 def get_config(arg: str = "ranks") -> ml_collections.ConfigDict:

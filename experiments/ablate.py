@@ -32,7 +32,7 @@ from metalora.eval import harness as H
 from metalora.train.io import atomic_write_text, plot_curves
 
 METRICS = ("r_face_sim", "face_sim", "prompt_alignment", "pose_copying", "diversity", "heldout_loss")
-PAIRED_METRICS = ("r_face_sim", "prompt_alignment", "diversity")
+PAIRED_METRICS = ("r_face_sim", "prompt_alignment", "diversity", "heldout_loss")
 
 
 def _has(config: ml_collections.ConfigDict, key: str) -> bool:
@@ -170,7 +170,8 @@ def markdown(grid: Sequence[tuple[str, Sequence[Any]]], rows: Sequence[Mapping[s
     for r in rows:
         cells_ = [str(r["cell"][k]) for k in keys] + [r["method"], f"{r['trainable_parameters']:,}"]
         cells_ += [H.format_cell(tuple(r[m])) if m in r else "–" for m in metrics]
-        cells_ += [_signed(r["paired"][m]) if m in r.get("paired", {}) else "–" for m in paired]
+        cells_ += [_signed(r["paired"][m], 5 if m == "heldout_loss" else 3) if m in r.get("paired", {}) else "–"
+                   for m in paired]
         change = r.get("heldout_loss_best_change")
         cells_.append(f"{H.format_cell(tuple(change[:3]))} ({change[3]})" if change else "–")
         cells_.append(str(r.get("steps_to_target", "–")))
@@ -178,9 +179,9 @@ def markdown(grid: Sequence[tuple[str, Sequence[Any]]], rows: Sequence[Mapping[s
     return "\n".join(lines) + "\n"
 
 
-def _signed(value: Sequence[float]) -> str:
+def _signed(value: Sequence[float], decimals: int = 3) -> str:
     mean, ci = value[0], value[1]
-    return f"{mean:+.3f} ± {ci:.3f}"
+    return f"{mean:+.{decimals}f} ± {ci:.{decimals}f}"
 
 
 def reference_index(grid_cells: Sequence[Mapping[str, Any]], reference: Sequence[tuple[str, Any]]) -> int | None:

@@ -84,6 +84,10 @@ def test_best_change_is_the_paired_change_at_the_best_later_step():
              "heldout_loss": (0.0853, 0.0112, 8), "heldout_loss_best_change": (-5e-4, 2e-4, 8, 50)}]
     table = ablate.markdown((("lora.rank", (2,)),), rows)
     assert "| 2 | meta_lora | 1,234 | 0.0853 ± 0.0112 | -0.00050 ± 0.00020 (50) | – |" in table
+    rows[0]["paired"] = {"heldout_loss": (-1.2e-4, 3.4e-4, 8), "r_face_sim": (0.0123, 0.045, 8)}
+    table = ablate.markdown((("lora.rank", (2,)),), rows)  # a loss's paired difference keeps its small digits
+    assert "| r_face_sim − reference (paired) | heldout_loss − reference (paired) |" in table
+    assert "| +0.012 ± 0.045 | -0.00012 ± 0.00034 |" in table
 
 
 def test_the_stacked_id_merge_grid_reuses_the_shipped_default_benchmark_cells():

@@ -124,19 +124,18 @@ class EpisodeSampler:
 
     def fingerprint(self) -> str:
         """What a checkpointed state must agree with to be restored into this sampler."""
-        return json.dumps(
-            {
-                "seed": self.seed,
-                "identities_per_step": self.identities_per_step,
-                "shots": self.shots,
-                "query_shots": self.query_shots,
-                "augment": dataclasses.asdict(self.augment),
-                "counterfactual": list(self.counterfactual),
-                "num_identities": len(self.identities),
-                "num_records": len(self.source),
-            },
-            sort_keys=True,
-        )
+        fields = {
+            "seed": self.seed,
+            "identities_per_step": self.identities_per_step,
+            "shots": self.shots,
+            "query_shots": self.query_shots,
+            "augment": dataclasses.asdict(self.augment),
+            "num_identities": len(self.identities),
+            "num_records": len(self.source),
+        }
+        if self.counterfactual:  # only when set, so states saved before the option existed still restore
+            fields["counterfactual"] = list(self.counterfactual)
+        return json.dumps(fields, sort_keys=True)
 
     def _shot(self, record: int, rng: np.random.Generator) -> dict:
         ex = self.source[record]
