@@ -195,6 +195,33 @@ def reference_index(grid_cells: Sequence[Mapping[str, Any]], reference: Sequence
     raise KeyError(f"config.reference {wanted} names no cell of the grid {[cell_name(c) for c in grid_cells]}")
 
 
+def _plots(grid_key: tuple[str, Sequence[Any]], rows: Sequence[Mapping[str, Any]], workdir: pathlib.Path,
+           reference: str | None) -> dict[str, str]:
+    """One plot per metric of a one-key grid, each method's mean ± 95% CI against the key's values; with a
+    ``reference`` cell also each paired difference from it (``ablation_paired_<metric>.png``), where the spread
+    between identities cancels."""
+    key, values = grid_key
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    x = list(values) if numeric else list(range(len(values)))
+    panels = [(m, f"ablation_{m}.png", m, lambda r, m=m: r.get(m)) for m in METRICS]
+    panels += [(f"paired_{m}", f"ablation_paired_{m}.png", f"{m} − {reference}",
+                lambda r, m=m: r.get("paired", {}).get(m)) for m in PAIRED_METRICS if reference]
+    plots = {}
+    for name, filename, ylabel, value in panels:
+        curves, bands = {}, {}
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [value(r) for r in rows if r["method"] == method]
+            if len(pts) != len(values) or any(p is None for p in pts):
+                continue
+            means, cis = np.array([p[0] for p in pts]), np.nan_to_num([p[1] for p in pts])
+            curves[method], bands[method] = (x, means), (means - cis, means + cis)
+        if curves:
+            plots[name] = str(plot_curves(curves, workdir / filename, xlabel=key, ylabel=ylabel, bands=bands,
+                                          title=f"{ylabel} vs {key}",
+                                          categories=None if numeric else [str(v) for v in values]))
+    return plots
+
+
 def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     log = functools.partial(print, flush=True)
     workdir = pathlib.Path(workdir)
@@ -216,21 +243,7 @@ def main(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, 
     atomic_write_text(workdir / "ablation.md", table)
     out = {"config": config_to_dict(config), "grid": grid, "rows": rows}
     if len(grid) == 1:
-        key, values = grid[0]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        for metric in METRICS:
-            curves, bands = {}, {}
-            for method in dict.fromkeys(r["method"] for r in rows):
-                pts = [r[metric] for r in rows if r["method"] == method and metric in r]
-                if len(pts) != len(values):
-                    continue
-                x = list(values) if numeric else list(range(len(values)))
-                means, cis = np.array([p[0] for p in pts]), np.nan_to_num([p[1] for p in pts])
-                curves[method], bands[method] = (x, means), (means - cis, means + cis)
-            if curves:
-                out.setdefault("plots", {})[metric] = str(plot_curves(
-                    curves, workdir / f"ablation_{metric}.png", xlabel=key, ylabel=metric, bands=bands,
-                    title=f"{metric} vs {key}", categories=None if numeric else [str(v) for v in values]))
+        out["plots"] = _plots(grid[0], rows, workdir, reference=None if ref is None else cell_name(grid_cells[ref]))
     atomic_write_text(workdir / "ablation.json", json.dumps(out, indent=1, default=str) + "\n")
     log(table)
     return out

@@ -50,6 +50,7 @@ def test_cells_with_the_same_meta_training_share_one_d(tmp_path, capsys):
     config = ablate_tiny.get_config("smoke")
     config.grid = (("protocol.shots", (1, 2)),)  # a benchmark-only key: both cells need the same D
     config.benchmark.methods = ("meta_lora",)
+    config.reference = (("protocol.shots", 1),)
     out = ablate.main(config, tmp_path)
     log = capsys.readouterr().out
     assert log.count("meta-training D") == 1
@@ -59,6 +60,10 @@ def test_cells_with_the_same_meta_training_share_one_d(tmp_path, capsys):
     assert results["config"]["method"]["meta_lora"]["meta_down"] == str(tmp_path / "protocol.shots=1" / "meta" /
                                                                          "meta_down")
     assert [r["cell"]["protocol.shots"] for r in out["rows"]] == [1, 2]
+    # Paired against the reference cell: itself exactly zero, and a plot of the difference per grid value.
+    assert out["rows"][0]["paired"]["heldout_loss"][:2] == (0.0, 0.0)
+    assert out["rows"][1]["paired"]["heldout_loss"][0] != 0.0
+    assert pathlib.Path(out["plots"]["paired_heldout_loss"]).exists()
 
 
 def test_a_method_the_grid_does_not_touch_runs_once(tmp_path, capsys):
