@@ -203,11 +203,11 @@ def _plots(grid_key: tuple[str, Sequence[Any]], rows: Sequence[Mapping[str, Any]
     key, values = grid_key
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     x = list(values) if numeric else list(range(len(values)))
-    panels = [(m, f"ablation_{m}.png", m, lambda r, m=m: r.get(m)) for m in METRICS]
-    panels += [(f"paired_{m}", f"ablation_paired_{m}.png", f"{m} − {reference}",
+    panels = [(m, f"ablation_{m}.png", m, f"{m} vs {key}", lambda r, m=m: r.get(m)) for m in METRICS]
+    panels += [(f"paired_{m}", f"ablation_paired_{m}.png", f"{m} − reference", f"{m} − ({reference}), paired",
                 lambda r, m=m: r.get("paired", {}).get(m)) for m in PAIRED_METRICS if reference]
     plots = {}
-    for name, filename, ylabel, value in panels:
+    for name, filename, ylabel, title, value in panels:
         curves, bands = {}, {}
         for method in dict.fromkeys(r["method"] for r in rows):
             pts = [value(r) for r in rows if r["method"] == method]
@@ -217,7 +217,7 @@ def _plots(grid_key: tuple[str, Sequence[Any]], rows: Sequence[Mapping[str, Any]
             curves[method], bands[method] = (x, means), (means - cis, means + cis)
         if curves:
             plots[name] = str(plot_curves(curves, workdir / filename, xlabel=key, ylabel=ylabel, bands=bands,
-                                          title=f"{ylabel} vs {key}",
+                                          title=title,
                                           categories=None if numeric else [str(v) for v in values]))
     return plots
 
