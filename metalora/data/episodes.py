@@ -142,6 +142,8 @@ class EpisodeSampler:
         image = np.asarray(ex["image"], np.uint8)
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=-1)
+        # Synthetic records carry ground-truth labels; free-text captions of real photos have none.
+        attrs = world.attributes_from_ids(ex["attributes"]) if "attributes" in ex else None
         pair_attrs = None
         if self.counterfactual:
             # The same person, pose jitter and framing with one attribute changed: rendered before the crop and
@@ -149,16 +151,14 @@ class EpisodeSampler:
             if "traits" not in ex:
                 raise ValueError("counterfactual pairs need synthetic records (traits and jitter to re-render); "
                                  f"record {record} has none")
-            pair_attrs = counterfactual_attributes(world.attributes_from_ids(ex["attributes"]), self.counterfactual,
-                                                   rng)
+            pair_attrs = counterfactual_attributes(attrs, self.counterfactual, rng)
             pair = world.render_face(np.asarray(ex["traits"]), pair_attrs, np.asarray(ex["jitter"]), image.shape[0])
             image = np.concatenate([image, pair], axis=-1)
         pad = round(image.shape[0] * self.augment.pad_fraction)
         image = random_crop(image, pad, rng)
         flip = bool(rng.random() < self.augment.flip_prob)
         caption = builders.decode_text(ex["caption"])
-        if "attributes" in ex:  # synthetic: labels are ground truth, so mirror them with the pixels
-            attrs = world.attributes_from_ids(ex["attributes"])
+        if attrs is not None:  # ground truth, so mirror the labels with the pixels
             if flip:
                 attrs = world.flip_attributes(attrs)
                 caption = world.make_caption(attrs)
