@@ -418,7 +418,12 @@ def drop_captions(model: BaseModel, key: jax.Array, input_ids: jax.Array, prob: 
     """Replace each caption by the empty prompt with probability ``prob`` (classifier-free guidance training);
     returns (ids, dropped mask)."""
     dropped = jax.random.bernoulli(key, prob, (input_ids.shape[0],))
-    return jnp.where(dropped[:, None], jnp.asarray(model.empty_ids)[None], input_ids), dropped
+    return empty_where(model, dropped, input_ids), dropped
+
+
+def empty_where(model: BaseModel, dropped: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """``input_ids`` with the rows where ``dropped`` (B,) is True replaced by the empty prompt."""
+    return jnp.where(dropped[:, None], jnp.asarray(model.empty_ids)[None], input_ids)
 
 
 def base_loss(
@@ -454,8 +459,7 @@ def base_loss(
                               high_noise_start=high_noise_start)
     if paired:  # the partners go after the photos, with the photos' t, noise and dropped captions
         images = jnp.concatenate([images, jnp.asarray(batch["pair_images"], jnp.float32)])
-        pair_ids = jnp.where(dropped[:, None], jnp.asarray(model.empty_ids)[None],
-                             jnp.asarray(batch["pair_input_ids"], jnp.int32))
+        pair_ids = empty_where(model, dropped, jnp.asarray(batch["pair_input_ids"], jnp.int32))
         input_ids, t, noise = (jnp.concatenate([a, b]) for a, b in ((input_ids, pair_ids), (t, t), (noise, noise)))
     x_t, target = add_noise(model.schedule, images, noise, t), training_target(model.schedule, images, noise, t)
     pred = denoise(model, params, x_t, t, input_ids)
