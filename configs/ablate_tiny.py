@@ -31,11 +31,9 @@ GRIDS = {
 # Grids over the settings of methods that need no Meta-Down: the methods they run.
 DEFAULT_BENCHMARK_GRIDS = {"stacked_id_merge": ("stacked_id",)}
 # The cell that the table's paired columns subtract (the default setting), per grid; none for the others.
-# Not for ``shots``: the protocol holds out the photos that are not references, and asks for the attributes the
-# references do not show, so cells with different k score different held-out photos and prompts (compare within a
-# cell there: the best held-out loss change and steps to target).
 REFERENCES = {"stacked_id_merge": (("method.stacked_id.start_merge_step", 5),),
-              "identities": (("meta.num_identities", 100),)}
+              "identities": (("meta.num_identities", 100),),
+              "shots": (("protocol.shots", 1),)}
 
 
 def get_config(arg: str = "ranks") -> ml_collections.ConfigDict:
@@ -53,6 +51,11 @@ def get_config(arg: str = "ranks") -> ml_collections.ConfigDict:
         c.benchmark.reuse_cells_from = ("assets/default_benchmark",)
         return c
     c.benchmark.methods = ("meta_lora", "lora")
+    if arg == "shots":
+        # By default the protocol holds out the photos that are not references and asks for attributes the
+        # references do not show, so each k would score other photos and prompts; hold out as for the largest k
+        # instead, so the cells pair per identity (k = 1 then scores other photos than the default benchmark).
+        c.benchmark.protocol.max_shots = max(dict(GRIDS[arg])["protocol.shots"])
     c.benchmark.sample.at = "final"
     c.benchmark.eval.target_metric = "heldout_loss"
     if not smoke:

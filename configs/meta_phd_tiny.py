@@ -66,6 +66,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.protocol.num_identities = 8
     c.protocol.max_heldout = 8
     c.protocol.max_prompts = 6
+    # > 0: hold out photos and choose prompts as if this many shots were taken (the references are the first `shots`
+    # of them), so runs with different `shots` score the same photos and prompts (the shots ablation's pairing).
+    c.protocol.max_shots = 0
 
     c.methods = ("meta_lora", "lora", "dreambooth", "textual_inversion", "attn_dreambooth", "stacked_id",
                  "megaportrait")

@@ -31,6 +31,14 @@ def test_grid_keys_reach_every_sub_config_that_has_them():
         {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
 
 
+def test_the_shots_grid_holds_out_the_same_photos_in_every_cell():
+    config = ablate_tiny.get_config("shots")
+    shots = dict(config.grid)["protocol.shots"]
+    assert config.benchmark.protocol.max_shots == max(shots)
+    assert dict(config.reference)["protocol.shots"] in shots
+    assert meta_phd_tiny.get_config().protocol.max_shots == 0  # the default benchmark keeps its own protocol
+
+
 def test_ablation_smoke_runs_and_resumes(tmp_path, capsys):
     config = smoke_config()
     out = ablate.main(config, tmp_path)
@@ -51,6 +59,7 @@ def test_cells_with_the_same_meta_training_share_one_d(tmp_path, capsys):
     config.grid = (("protocol.shots", (1, 2)),)  # a benchmark-only key: both cells need the same D
     config.benchmark.methods = ("meta_lora",)
     config.reference = (("protocol.shots", 1),)
+    config.benchmark.protocol.max_shots = 2  # as the shipped shots grid: both cells score the same held-out photos
     out = ablate.main(config, tmp_path)
     log = capsys.readouterr().out
     assert log.count("meta-training D") == 1

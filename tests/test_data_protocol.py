@@ -80,3 +80,26 @@ def test_protocol_on_synthetic_test_split(smoke):
 def test_protocol_without_attributes_uses_class_word():
     prot = protocol.make_protocol({0: [0, 1, 2], 5: [3, 4]}, None, k=1)
     assert all(t.prompts == protocol.class_word_prompts() for t in prot)
+
+
+def test_max_shots_fixes_heldout_photos_and_prompts_across_k():
+    """A shots sweep pairs its cells: with max_shots every k <= max_shots scores the same held-out photos and prompts,
+    and its references are the first k of max_shots, i.e. the default protocol's k references."""
+    rng = np.random.default_rng(3)
+    index = {i: list(range(10 * i, 10 * i + 8)) for i in range(6)}
+    attrs = {r: world.image_condition(0, int(rng.integers(1000)), r)[0] for recs in index.values() for r in recs}
+    wide = protocol.make_protocol(index, attrs, k=4)
+    by_k = {k: protocol.make_protocol(index, attrs, k=k, max_shots=4) for k in (1, 2, 4)}
+    assert by_k[4] == wide  # max_shots == k is the default protocol
+    for k, prot in by_k.items():
+        default = protocol.make_protocol(index, attrs, k=k)
+        for t, t_wide, t_default in zip(prot, wide, default, strict=True):
+            assert t.references == t_wide.references[:k] == t_default.references
+            assert t.heldout == t_wide.heldout and t.prompts == t_wide.prompts
+            assert not set(t.references) & set(t.heldout)
+    # without max_shots a larger k holds out fewer photos: the pairing above is what the option adds
+    assert len(protocol.make_protocol(index, attrs, k=1)[0].heldout) == len(wide[0].heldout) + 3
+    with pytest.raises(ValueError, match="max_shots"):
+        protocol.make_protocol(index, attrs, k=2, max_shots=1)
+    with pytest.raises(ValueError, match="need k=8"):  # 8 photos: max_shots references leave none to hold out
+        protocol.make_protocol(index, attrs, k=1, max_shots=8)

@@ -328,6 +328,19 @@ def test_megaportrait_cells_depend_on_the_method_they_adapt_with(smoke_run):
     assert benchmark.config_fingerprint(other, "megaportrait") != fingerprint
 
 
+def test_a_setting_added_later_is_in_the_fingerprint_only_off_its_default():
+    """``protocol.max_shots`` came after the shipped cells: at its default (0, the earlier protocol) it must not
+    change any fingerprint, and any other value must."""
+    config = meta_phd_tiny.get_config("smoke")
+    without = copy.deepcopy(config)
+    del without.protocol["max_shots"]
+    for method in (None, "lora", "meta_lora"):
+        assert benchmark.config_fingerprint(config, method) == benchmark.config_fingerprint(without, method)
+        config.protocol.max_shots = 2
+        assert benchmark.config_fingerprint(config, method) != benchmark.config_fingerprint(without, method)
+        config.protocol.max_shots = 0
+
+
 def test_cells_of_a_method_whose_settings_did_not_change_are_reused(smoke_run, tmp_path):
     config, workdir, _ = smoke_run
     other = copy.deepcopy(config)

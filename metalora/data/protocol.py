@@ -105,6 +105,7 @@ def make_protocol(
     k: int = 1,
     seed: int = 0,
     max_heldout: int | None = None,
+    max_shots: int | None = None,
     identifier: str = world.DEFAULT_IDENTIFIER,
     class_word: str = world.CLASS_WORD,
 ) -> tuple[TestIdentity, ...]:
@@ -112,15 +113,26 @@ def make_protocol(
 
     ``reference_attributes`` maps a record index to its attributes (synthetic data); without it prompts use the
     class word only (real photos).
+
+    ``max_shots`` (>= ``k``) holds out photos and chooses prompts as if ``max_shots`` references were taken, and
+    keeps the first ``k`` of them: protocols with any ``k <= max_shots`` then score the same held-out photos and
+    prompts, so a shots sweep can pair its cells per identity. (By default, ``max_shots = k``, a larger ``k`` holds
+    out fewer photos and rules out more prompt attributes.)
     """
+    if max_shots is not None and max_shots < k:
+        raise ValueError(f"max_shots ({max_shots}) must be at least the number of shots k ({k})")
     out = []
     for identity in sorted(index):
-        refs, heldout = choose_references(index[identity], identity=identity, k=k, seed=seed, max_heldout=max_heldout)
+        # choose_references takes its references as a prefix of one seeded order, so the first k of max_shots
+        # references are exactly the k references that a protocol without max_shots would take.
+        basis, heldout = choose_references(index[identity], identity=identity, k=max_shots or k, seed=seed,
+                                           max_heldout=max_heldout)
+        refs = basis[:k]
         if reference_attributes is None:
             prompts = class_word_prompts(identifier=identifier, class_word=class_word)
         else:
             prompts = evaluation_prompts(
-                [reference_attributes[r] for r in refs],
+                [reference_attributes[r] for r in basis],
                 identity=identity,
                 seed=seed,
                 identifier=identifier,

@@ -127,7 +127,7 @@ def class_images(model: bm.BaseModel, params: bm.BaseParams, n: int, seed: int, 
 
 def choose_tests(config: ml_collections.ConfigDict, source_meta) -> tuple[protocol.TestIdentity, ...]:
     p = config.protocol
-    tests = protocol.protocol_from_source(source_meta, k=p.shots, seed=config.seed,
+    tests = protocol.protocol_from_source(source_meta, k=p.shots, seed=config.seed, max_shots=p.max_shots or None,
                                           with_attributes=config.data.source == "synth")
     if p.identities:
         bad = [i for i in p.identities if not 0 <= i < len(tests)]
@@ -145,6 +145,9 @@ def config_fingerprint(config: ml_collections.ConfigDict, method: str | None = N
     method's, so adding a method or retuning another one keeps the finished cells valid.
     """
     d = config_to_dict(config)
+    for (section, key), default in _SETTINGS_ADDED_LATER.items():
+        if d.get(section, {}).get(key, default) == default:
+            d.get(section, {}).pop(key, None)
     if method is not None:
         sections = d.get("method", {})
         d["method"] = {method: sections.get(method)}
@@ -160,6 +163,14 @@ def config_fingerprint(config: ml_collections.ConfigDict, method: str | None = N
 # ablation runner's r_m sweep) reuse that method's finished cells instead of recomputing identical numbers.
 _SHARED_SETTINGS_NOT_READ: dict[str, tuple[tuple[str, str], ...]] = {
     "lora": (("lora", "mid_rank"),),  # plain LoRA has no Mid factor (``metalora.meta.personalize.lora_config``)
+}
+
+
+# Settings added after shipped cells were computed, with the default that reproduces the earlier behaviour. At that
+# default they are left out of the fingerprint, so the shipped cells (assets/default_benchmark, the ablation grids)
+# stay valid; any other value is part of it.
+_SETTINGS_ADDED_LATER: dict[tuple[str, str], Any] = {
+    ("protocol", "max_shots"): 0,
 }
 
 
