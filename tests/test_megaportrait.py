@@ -414,6 +414,24 @@ def test_megaportrait_benchmark_smoke(tmp_path):
     template = out["summary"]["template"]
     assert template["template_face_sim"][0] == pytest.approx(1.0, abs=1e-5)  # a template is its own identity
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "table.md").read_text().count("|") > 50
+    assert set(out["paired"]) == {f"{a} − {b}" for a, b in megaportrait.PAIRED}
+    assert "| portrait − base_portrait | " in (tmp_path / "table.md").read_text()
+
+
+def test_megaportrait_table_pairs_rows_per_identity_and_template():
+    from benchmarks import megaportrait
+
+    rows = {"portrait": [0.5, 0.1, 0.9, 0.3], "base_portrait": [0.4, 0.0, 0.8, 0.2],
+            "prompt_only": [0.5, 0.3, 0.7, 0.3]}
+    records = {row: {"r_face_sim": v, "pose": [1.0, 0.0, 1.0, 1.0]} for row, v in rows.items()}
+    paired = megaportrait.paired_differences(records)
+    assert list(paired) == ["portrait − base_portrait", "portrait − prompt_only"]
+    # the same +0.1 for every (identity, template): no spread once paired, although the rows spread by ±0.4
+    assert paired["portrait − base_portrait"]["r_face_sim"] == pytest.approx((0.1, 0.0, 4))
+    mean, ci, n = paired["portrait − prompt_only"]["r_face_sim"]
+    assert (mean, n) == (pytest.approx(0.0), 4) and ci > 0.1
+    assert paired["portrait − base_portrait"]["pose"][:2] == (0.0, 0.0)
+    assert megaportrait.paired_differences({"portrait": records["portrait"]}) == {}  # no reference row scored
 
 
 def test_shipped_controlnet_loads_on_the_shipped_base():

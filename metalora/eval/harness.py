@@ -502,7 +502,8 @@ def frechet_to_heldout(probes: P.Probes, samples: np.ndarray, subjects: Subjects
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def format_cell(cell: Any, digits: int = 3) -> str:
+def format_cell(cell: Any, digits: int = 3, *, signed: bool = False) -> str:
+    """A (mean, CI, n) cell as "mean ± CI" (``signed``: "+mean", for differences), a float, "–" for none."""
     if cell is None:
         return "–"
     if isinstance(cell, tuple):
@@ -513,7 +514,8 @@ def format_cell(cell: Any, digits: int = 3) -> str:
             digits += 1
         if 0 < abs(m) < 0.01:  # and their differences (~3e-4) in the fifth
             digits += 1
-        return f"{m:.{digits}f} ± {h:.{digits}f}" if np.isfinite(h) else f"{m:.{digits}f}"
+        mean = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
+        return f"{mean} ± {h:.{digits}f}" if np.isfinite(h) else mean
     if isinstance(cell, float):
         return f"{cell:.{digits}g}"
     return str(cell)
