@@ -252,6 +252,31 @@ def test_pipeline_keeps_the_template_outside_the_head(tiny):
         mp.PortraitConfig(shading_strength=2.0)
 
 
+def test_per_step_control_scales_reach_only_their_step(tiny):
+    _, params, portrait, controlnet, images, control, ids = tiny
+    trained = _perturbed(controlnet, jax.random.key(4))
+    template = jnp.asarray(images, jnp.float32) / 255.0
+    keys = jax.random.split(jax.random.key(5), 2)
+
+    def run(**scales):
+        config = mp.PortraitConfig(num_inference_steps=4, shading_strength=0.5, harmonize_strength=0.5, **scales)
+        return jax.device_get(mp.run(portrait, {"unet": params["unet"], "controlnet": trained},
+                                     params["text_encoder"], template, control, ids, keys, config))
+
+    uniform = run(control_scale=2.0)
+    same = run(control_scale=0.0, step_control_scales=[2.0, 2.0, 2.0])  # a config file's list; overrides the scale
+    for name in uniform:
+        np.testing.assert_array_equal(same[name], uniform[name])
+    harmonize_only = run(control_scale=2.0, step_control_scales=(2.0, 2.0, 5.0))
+    for name in ("identity", "shading", "pasted"):
+        np.testing.assert_array_equal(harmonize_only[name], uniform[name])
+    assert np.abs(harmonize_only["harmonize"] - uniform["harmonize"]).max() > 1e-4
+    identity_only = run(control_scale=2.0, step_control_scales=(5.0, 2.0, 2.0))
+    assert np.abs(identity_only["identity"] - uniform["identity"]).max() > 1e-4
+    with pytest.raises(ValueError, match="one scale per step"):
+        mp.PortraitConfig(step_control_scales=(1.0, 2.0))
+
+
 def test_controlnet_round_trips_through_disk_and_diffusers(tiny, tmp_path):
     import torch
     from diffusers import ControlNetModel as TorchControlNet

@@ -48,7 +48,10 @@ STEP_GROUPS: dict[str, tuple[str, ...]] = {
 class PortraitConfig:
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
-    control_scale: float = 1.0  # ControlNet residual scale in every step
+    control_scale: float = 1.0  # ControlNet residual scale in every step ...
+    # ... unless given per step, in STEP_GROUPS' order (identity, shading, harmonize): e.g. keep the identity step's
+    # face and take more of the template's geometry in the edits.
+    step_control_scales: tuple[float, ...] = ()
     shading_strength: float = 0.6  # fraction of the DDIM steps the shading step re-runs
     harmonize_strength: float = 0.4
     seam_pixels: int = 2  # the re-drawn region: the head mask grown by this many pixels
@@ -59,6 +62,16 @@ class PortraitConfig:
                 raise ValueError(f"PortraitConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.seam_pixels < 0:
             raise ValueError(f"PortraitConfig.seam_pixels must be >= 0, got {self.seam_pixels}")
+        # a config file's list becomes a tuple: the config is a static (hashed) argument of the jitted pipeline
+        object.__setattr__(self, "step_control_scales", tuple(float(x) for x in self.step_control_scales))
+        if self.step_control_scales and len(self.step_control_scales) != len(STEP_GROUPS):
+            raise ValueError(f"PortraitConfig.step_control_scales needs one scale per step {tuple(STEP_GROUPS)} (or "
+                             f"none, for control_scale in every step), got {self.step_control_scales}")
+
+    def scale_of(self, step: str) -> float:
+        if not self.step_control_scales:
+            return self.control_scale
+        return float(self.step_control_scales[list(STEP_GROUPS).index(step)])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -205,10 +218,10 @@ def run(portrait: Portrait, params: Mapping[str, nnx.State], text_params: nnx.St
     noise = initial_noise(keys, portrait.model.sample_shape)
     edit_noise = initial_noise(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), portrait.model.sample_shape)
 
-    cond, uncond = _conditions(portrait, text_params, input_ids, control, "identity", config.control_scale)
+    cond, uncond = _conditions(portrait, text_params, input_ids, control, "identity", config.scale_of("identity"))
     identity = ddim_sample(portrait.model_fn, params, schedule, noise, cond, uncond, num_inference_steps=n,
                            guidance_scale=g)
-    cond, uncond = _conditions(portrait, text_params, input_ids, control, "shading", config.control_scale)
+    cond, uncond = _conditions(portrait, text_params, input_ids, control, "shading", config.scale_of("shading"))
     shaded = ddim_edit(portrait.model_fn, params, schedule, identity, edit_noise, cond, uncond, num_inference_steps=n,
                        strength=config.shading_strength, guidance_scale=g)
 
@@ -216,7 +229,7 @@ def run(portrait: Portrait, params: Mapping[str, nnx.State], text_params: nnx.St
     template_x = template * 2.0 - 1.0
     pasted = head[..., None] * shaded + (1.0 - head[..., None]) * template_x
     keep = 1.0 - grow_mask(head, config.seam_pixels)
-    cond, uncond = _conditions(portrait, text_params, input_ids, control, "harmonize", config.control_scale)
+    cond, uncond = _conditions(portrait, text_params, input_ids, control, "harmonize", config.scale_of("harmonize"))
     harmonized = ddim_edit(portrait.model_fn, params, schedule, pasted, edit_noise, cond, uncond,
                            num_inference_steps=n, strength=config.harmonize_strength, guidance_scale=g,
                            keep_mask=keep[..., None])
